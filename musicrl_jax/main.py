@@ -1,0 +1,97 @@
+"""The one entry point: `python -m musicrl_jax.main --gin_file=... --gin_bindings=...`.
+
+A gin file selects the stage by binding `run.job` (e.g. `run.job = @train`); everything the
+stage varies is a binding. User errors (bad binding, missing file, impossible mesh or batch)
+print one paragraph and exit with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF (via seqio/CLU) only for errors
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin_file", [], "Gin config files (searched in gin_search_paths).")
+flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'train.num_steps=10'.")
+flags.DEFINE_list("gin_search_paths", [], "Extra directories to search for gin files.")
+
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_SEARCH_PATHS = (".", os.path.join(PACKAGE_ROOT, "gin_configs"), PACKAGE_ROOT)
+
+
+def maybe_initialize_distributed():
+    """Multi-host: JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID, or a TPU pod's
+    auto-detected cluster, start jax.distributed before anything touches the devices."""
+    import jax
+    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
+        if os.environ.get("JAX_PLATFORMS", "") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"],
+                                   int(os.environ["JAX_NUM_PROCESSES"]),
+                                   int(os.environ["JAX_PROCESS_ID"]))
+    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1:
+        jax.distributed.initialize()
+
+
+def parse_gin(gin_files, gin_bindings, search_paths=()):
+    """Parses gin files and bindings, turning gin's errors into ConfigErrors that say the fix."""
+    import gin
+
+    from musicrl_jax import registry  # noqa: F401  (registers every configurable)
+    from musicrl_jax.errors import ConfigError
+
+    for path in (*search_paths, *DEFAULT_SEARCH_PATHS):
+        gin.add_config_file_search_path(path)
+    for gin_file in gin_files:
+        try:
+            gin.parse_config_file(gin_file)
+        except (IOError, OSError) as err:
+            raise ConfigError(
+                f"--gin_file={gin_file}: file not found (searched {', '.join(DEFAULT_SEARCH_PATHS)}"
+                f"). Fix: give a path relative to the repository or gin_configs/, e.g. "
+                f"--gin_file=local/pretrain.gin. ({err})") from err
+        except ValueError as err:
+            raise ConfigError(f"--gin_file={gin_file}: {err}\nFix: correct that line of the "
+                              "file; every configurable name must exist in musicrl_jax.") from err
+    for binding in gin_bindings:
+        try:
+            gin.parse_config(binding)
+        except (ValueError, SyntaxError) as err:
+            raise ConfigError(
+                f"--gin_bindings={binding!r}: {err}\nFix: use 'configurable.parameter=value' with "
+                "a configurable and parameter that exist (see the run's config.gin for the "
+                "operative names).") from err
+    try:
+        gin.finalize()
+    except ValueError as err:
+        raise ConfigError(f"gin config: {err}") from err
+
+
+def run_job():
+    from musicrl_jax.registry import run
+    return run()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]} (use --gin_bindings).")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # keep Orbax/CLU chatter out of the progress bar
+    maybe_initialize_distributed()
+    from musicrl_jax.errors import ConfigError
+    from musicrl_jax.training.trainer import TrainingDivergedError
+    try:
+        parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+        run_job()
+    except (ConfigError, TrainingDivergedError) as err:
+        logging.flush()
+        print(f"\nmusicrl_jax: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,144 @@
+"""Transformer building blocks whose parameters and activations carry logical axis names."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+_MASKED = -1e9  # finite so a fully masked row (empty caption) gives uniform weights, not NaN
+
+
+def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype=jnp.float32):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def constrain(x, axes):
+    return nn.with_logical_constraint(x, axes)
+
+
+class RMSNorm(nn.Module):
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",))
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+        return (normed * scale).astype(self.dtype)
+
+
+class Embed(nn.Module):
+    vocab_size: int
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens):
+        table = param_with_axes(self, "embedding", nn.initializers.normal(1.0),
+                                (self.vocab_size, self.features), ("vocab", "embed"))
+        return jnp.take(table, tokens, axis=0).astype(self.dtype)
+
+
+def rope(x, positions, max_wavelength: float = 10_000.0):
+    """Rotary position embedding. x: [batch, length, heads, head_dim]; positions: [length]."""
+    half = x.shape[-1] // 2
+    inv_freq = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [length, half]
+    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention (RoPE, optional KV cache) or cross-attention.
+
+    In decode mode a self-attention layer keeps `cached_key/cached_value: [batch, max_length,
+    heads, head_dim]` and a step index in the 'cache' collection; a cross-attention layer keeps
+    the projected text keys/values so each step projects only its one new query.
+    """
+    num_heads: int
+    head_dim: int
+    dtype: Dtype = jnp.float32
+    cross: bool = False
+
+    def _project(self, name, x):
+        kernel = param_with_axes(self, name, nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
+                                 (x.shape[-1], self.num_heads, self.head_dim),
+                                 ("embed", "heads", "kv"))
+        out = jnp.einsum("ble,ehd->blhd", x, kernel.astype(self.dtype))
+        return constrain(out, ("batch", "length", "heads", "kv"))
+
+    @nn.compact
+    def __call__(self, x, kv_input=None, mask=None, *, decode: bool = False,
+                 decode_length: int | None = None):
+        """x: [batch, q_len, embed]. mask: [batch, 1|heads, q_len, kv_len] booleans (True = attend).
+
+        For decoding self-attention, q_len == 1 and the mask is derived from the cache index.
+        """
+        x = x.astype(self.dtype)
+        query = self._project("query", x)
+        if self.cross:
+            if decode:
+                key_var = self.variable("cache", "cross_key", self._project, "key", kv_input)
+                value_var = self.variable("cache", "cross_value", self._project, "value", kv_input)
+                key, value = key_var.value, value_var.value
+            else:
+                key, value = self._project("key", kv_input), self._project("value", kv_input)
+        else:
+            key, value = self._project("key", x), self._project("value", x)
+            if decode:
+                query, key, value, mask = self._update_cache(query, key, value, decode_length)
+            else:
+                positions = jnp.arange(x.shape[1])
+                query, key = rope(query, positions), rope(key, positions)
+
+        scale = self.head_dim ** -0.5
+        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * scale
+        if mask is not None:
+            logits = jnp.where(mask, logits, _MASKED)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+        attended = constrain(attended, ("batch", "length", "heads", "kv"))
+        out_kernel = param_with_axes(
+            self, "out", nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2),
+            (self.num_heads, self.head_dim, x.shape[-1]), ("heads", "kv", "embed"))
+        out = jnp.einsum("bqhd,hde->bqe", attended, out_kernel.astype(self.dtype))
+        return constrain(out, ("batch", "length", "embed"))
+
+    def _update_cache(self, query, key, value, decode_length):
+        batch, _, heads, head_dim = key.shape
+        shape = (batch, decode_length, heads, head_dim)
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        position = index.value
+        query, key = rope(query, position[None]), rope(key, position[None])
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, position, 0, 0))
+        cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value,
+                                                          (0, position, 0, 0))
+        index.value = position + 1
+        mask = (jnp.arange(cached_key.value.shape[1]) <= position)[None, None, None, :]
+        return query, cached_key.value, cached_value.value, mask
+
+
+class MLP(nn.Module):
+    """Gated-GELU feed-forward."""
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        embed = x.shape[-1]
+        init = nn.initializers.lecun_normal()
+        gate = param_with_axes(self, "wi_gate", init, (embed, self.mlp_dim), ("embed", "mlp"))
+        up = param_with_axes(self, "wi_up", init, (embed, self.mlp_dim), ("embed", "mlp"))
+        down = param_with_axes(self, "wo", init, (self.mlp_dim, embed), ("mlp", "embed"))
+        x = x.astype(self.dtype)
+        hidden = nn.gelu(x @ gate.astype(self.dtype)) * (x @ up.astype(self.dtype))
+        hidden = constrain(hidden, ("batch", "length", "mlp"))
+        return constrain(hidden @ down.astype(self.dtype), ("batch", "length", "embed"))

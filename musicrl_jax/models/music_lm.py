@@ -1,0 +1,215 @@
+"""The music LM: a MusicGen-shaped text-conditioned decoder over K parallel audio codebooks.
+
+Text: caption tokens -> a small bidirectional Transformer encoder.
+Audio: codes [batch, frames, K] are laid out with the delay pattern (codebook k shifted right by
+k steps), so one decoder step predicts all K codebooks of a delayed frame with K output heads;
+each codebook's embedding is summed into one input vector per step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from musicrl_jax.models.layers import MLP, Attention, Embed, RMSNorm, constrain, param_with_axes
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MusicLMConfig:
+    caption_vocab_size: int = 256
+    codebook_size: int = 256
+    num_codebooks: int = 2
+    embed_dim: int = 64
+    num_heads: int = 4
+    head_dim: int = 16
+    mlp_dim: int = 128
+    num_encoder_layers: int = 1
+    num_decoder_layers: int = 2
+    max_caption_length: int = 32
+    max_frames: int = 64
+    dtype: str = "float32"
+    remat: str = "none"  # none | full | dots
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"MusicLMConfig.dtype={self.dtype!r}; expected one of {list(_DTYPES)}")
+        if self.remat not in ("none", *_REMAT_POLICIES):
+            raise ValueError(f"MusicLMConfig.remat={self.remat!r}; expected none|full|dots")
+
+    @property
+    def special_token(self) -> int:
+        """Input-only id used for BOS and for the delay pattern's empty slots."""
+        return self.codebook_size
+
+    @property
+    def decode_length(self) -> int:
+        return self.max_frames + self.num_codebooks - 1
+
+    @property
+    def compute_dtype(self):
+        return _DTYPES[self.dtype]
+
+
+# --- delay pattern -------------------------------------------------------------------------
+
+def apply_delay(codes: jax.Array, special_token: int) -> jax.Array:
+    """codes [batch, frames, K] -> delayed [batch, frames + K - 1, K]; delayed[t, k] = codes[t-k, k]."""
+    batch, frames, num_codebooks = codes.shape
+    length = frames + num_codebooks - 1
+    columns = [
+        jnp.pad(codes[:, :, k], ((0, 0), (k, num_codebooks - 1 - k)), constant_values=special_token)
+        for k in range(num_codebooks)
+    ]
+    return jnp.stack(columns, axis=-1).reshape(batch, length, num_codebooks)
+
+
+def undo_delay(delayed: jax.Array, num_codebooks: int) -> jax.Array:
+    """Inverse of `apply_delay`: delayed [batch, frames + K - 1, K] -> codes [batch, frames, K]."""
+    frames = delayed.shape[1] - num_codebooks + 1
+    return jnp.stack([delayed[:, k:k + frames, k] for k in range(num_codebooks)], axis=-1)
+
+
+def delay_mask(frames: int, num_codebooks: int) -> jax.Array:
+    """[frames + K - 1, K] booleans: True where the delayed layout holds a real code."""
+    steps = jnp.arange(frames + num_codebooks - 1)[:, None]
+    codebooks = jnp.arange(num_codebooks)[None, :]
+    return (steps >= codebooks) & (steps - codebooks < frames)
+
+
+def decoder_inputs(delayed: jax.Array, special_token: int) -> jax.Array:
+    """Teacher-forcing inputs: shift the delayed targets right by one step, BOS = special token."""
+    bos = jnp.full_like(delayed[:, :1], special_token)
+    return jnp.concatenate([bos, delayed[:, :-1]], axis=1)
+
+
+# --- modules -------------------------------------------------------------------------------
+
+def caption_mask(caption_tokens):
+    """True at real caption tokens (id 0 is padding)."""
+    return caption_tokens > 0
+
+
+class EncoderLayer(nn.Module):
+    config: MusicLMConfig
+
+    @nn.compact
+    def __call__(self, x, mask):
+        cfg = self.config
+        attn = Attention(cfg.num_heads, cfg.head_dim, cfg.compute_dtype, name="self_attention")
+        x = x + attn(RMSNorm(dtype=cfg.compute_dtype, name="pre_attention_norm")(x), mask=mask)
+        x = x + MLP(cfg.mlp_dim, cfg.compute_dtype, name="mlp")(
+            RMSNorm(dtype=cfg.compute_dtype, name="pre_mlp_norm")(x))
+        return constrain(x, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+    config: MusicLMConfig
+
+    @nn.compact
+    def __call__(self, x, encoded, cross_mask, decode: bool = False):
+        cfg = self.config
+        dtype = cfg.compute_dtype
+        self_mask = None
+        if not decode:
+            length = x.shape[1]
+            self_mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+        x = x + Attention(cfg.num_heads, cfg.head_dim, dtype, name="self_attention")(
+            RMSNorm(dtype=dtype, name="pre_self_attention_norm")(x), mask=self_mask,
+            decode=decode, decode_length=cfg.decode_length)
+        x = x + Attention(cfg.num_heads, cfg.head_dim, dtype, cross=True, name="cross_attention")(
+            RMSNorm(dtype=dtype, name="pre_cross_attention_norm")(x), encoded, mask=cross_mask,
+            decode=decode)
+        x = x + MLP(cfg.mlp_dim, dtype, name="mlp")(RMSNorm(dtype=dtype, name="pre_mlp_norm")(x))
+        return constrain(x, ("batch", "length", "embed"))
+
+
+class MusicLM(nn.Module):
+    """logits [batch, length, K, codebook_size] for delayed decoder inputs [batch, length, K]."""
+    config: MusicLMConfig
+
+    def setup(self):
+        cfg = self.config
+        self.caption_embed = Embed(cfg.caption_vocab_size, cfg.embed_dim, cfg.compute_dtype)
+        self.encoder_layers = [EncoderLayer(cfg, name=f"encoder_{i}")
+                               for i in range(cfg.num_encoder_layers)]
+        self.encoder_norm = RMSNorm(dtype=cfg.compute_dtype)
+        layer_cls = DecoderLayer
+        if cfg.remat != "none":
+            layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat],
+                                 static_argnums=(4,))
+        self.decoder_layers = [layer_cls(cfg, name=f"decoder_{i}")
+                               for i in range(cfg.num_decoder_layers)]
+        self.decoder_norm = RMSNorm(dtype=cfg.compute_dtype)
+        self.audio_embedding = self.param(
+            "audio_embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(1.0), ("codebooks", "vocab", "embed")),
+            (cfg.num_codebooks, cfg.codebook_size + 1, cfg.embed_dim))
+        self.heads = self.param(
+            "heads",
+            nn.with_logical_partitioning(nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
+                                         ("embed", "codebooks", "vocab")),
+            (cfg.embed_dim, cfg.num_codebooks, cfg.codebook_size))
+
+    def encode(self, caption_tokens):
+        """caption_tokens [batch, text_length] -> encoded [batch, text_length, embed]."""
+        mask = caption_mask(caption_tokens)[:, None, None, :]
+        x = self.caption_embed(caption_tokens)
+        x = constrain(x, ("batch", "length", "embed"))
+        for layer in self.encoder_layers:
+            x = layer(x, mask)
+        return self.encoder_norm(x)
+
+    def decode(self, decoder_input_tokens, encoded, caption_tokens, decode: bool = False):
+        """decoder_input_tokens [batch, length, K] (delayed layout, BOS first)."""
+        cfg = self.config
+        cross_mask = caption_mask(caption_tokens)[:, None, None, :]
+        codebook_ids = jnp.arange(cfg.num_codebooks)
+        x = self.audio_embedding[codebook_ids, decoder_input_tokens].sum(axis=-2)
+        x = constrain(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
+        for layer in self.decoder_layers:
+            x = layer(x, encoded, cross_mask, decode)
+        x = self.decoder_norm(x)
+        logits = jnp.einsum("ble,ekc->blkc", x, self.heads.astype(cfg.compute_dtype))
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "codebooks", "vocab"))
+
+    def __call__(self, caption_tokens, decoder_input_tokens):
+        return self.decode(decoder_input_tokens, self.encode(caption_tokens), caption_tokens)
+
+
+def init_params(config: MusicLMConfig, rng: jax.Array, batch: int = 1) -> Any:
+    """Boxed (logically annotated) params; wrap in `jax.eval_shape` for abstract init."""
+    caption = jnp.ones((batch, config.max_caption_length), jnp.int32)
+    audio = jnp.zeros((batch, config.decode_length, config.num_codebooks), jnp.int32)
+    return MusicLM(config).init(rng, caption, audio)["params"]
+
+
+def token_logprobs(config: MusicLMConfig, params, caption_tokens, audio_codes):
+    """Teacher-forced log-probs of `audio_codes` [batch, frames, K] under the model.
+
+    Returns (logprobs [batch, frames + K - 1, K] with 0 at delay slots, mask [1, same, K]).
+    """
+    delayed = apply_delay(audio_codes, config.special_token)
+    logits = MusicLM(config).apply({"params": params}, caption_tokens,
+                                   decoder_inputs(delayed, config.special_token))
+    mask = delay_mask(audio_codes.shape[1], config.num_codebooks)[None]
+    targets = jnp.where(mask, delayed, 0)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
+    return jnp.where(mask, logprobs, 0.0), mask
+
+
+def lm_loss(config: MusicLMConfig, params, caption_tokens, audio_codes):
+    """Next-token cross-entropy summed over real positions: (loss_sum, token_count)."""
+    logprobs, mask = token_logprobs(config, params, caption_tokens, audio_codes)
+    return -logprobs.sum(), jnp.broadcast_to(mask, logprobs.shape).sum()

@@ -1,0 +1,14 @@
+"""Imports every module that declares gin configurables, and the top-level `run` job."""
+
+import gin
+
+from musicrl_jax import checkpoints, decoding, partitioning, pipeline  # noqa: F401
+from musicrl_jax.data import toy  # noqa: F401
+from musicrl_jax.models import music_lm  # noqa: F401
+from musicrl_jax.training import tasks, trainer  # noqa: F401
+
+
+@gin.configurable
+def run(job=gin.REQUIRED):
+    """The stage a gin file selects, e.g. `run.job = @train`."""
+    return job()
