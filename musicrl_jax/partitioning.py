@@ -7,7 +7,9 @@ Model code names only logical axes (`batch`, `length`, `embed`, `heads`, `kv`, `
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -67,6 +69,19 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
             f"make_mesh: mesh {dict(zip(MESH_AXES, sizes))} uses {math.prod(sizes)} devices but "
             f"{n} are available. Fix: make the product equal {n}, or set one axis to -1.")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules=None):
+    """Activates the mesh and the logical axis rules for jit / `nn.with_logical_constraint`.
+
+    Flax resolves activation constraints against the physical mesh context (`with mesh`);
+    `jax.set_mesh` does not activate them in flax 0.12, hence the legacy form.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*context manager has been deprecated.*")
+        with mesh, nn.logical_axis_rules(rules or logical_axis_rules()):
+            yield
 
 
 def _divisible_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
@@ -167,7 +182,7 @@ def abstract_with_shardings(init_fn, mesh: Mesh, *args, rules=None):
 def sharded_init(init_fn, mesh: Mesh, *args, rules=None):
     """Runs `init_fn(*args)` under jit so every leaf is born sharded (never whole on one device)."""
     _, shardings = abstract_with_shardings(init_fn, mesh, *args, rules=rules)
-    with mesh, nn.logical_axis_rules(rules or logical_axis_rules()):
+    with mesh_context(mesh, rules):
         return jax.jit(lambda *a: unbox(init_fn(*a)), out_shardings=shardings)(*args), shardings
 
 

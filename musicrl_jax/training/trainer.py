@@ -106,8 +106,8 @@ def make_train_step(task, tx, seed: int, grad_accum_steps: int = 1) -> Callable:
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {k: v / weight for k, v in sums.items()}
-        metrics["grad_norm"] = optax.global_norm(grads)
-        metrics["param_norm"] = optax.global_norm(params)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["param_norm"] = optax.tree.norm(params)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -200,7 +200,7 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
     rules = partitioning.logical_axis_rules()
 
     tx, schedule = make_optimizer(total_steps=num_steps)
-    with mesh, nn.logical_axis_rules(rules):
+    with partitioning.mesh_context(mesh, rules):
         state, state_shardings = create_train_state(task, tx, mesh, seed)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=checkpoint_every,
                                 keep=keep_checkpoints, kind=task.kind)
@@ -212,7 +212,7 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
     start = int(state.step)
 
     example = task.train_source.train_batch(0, partitioning.host_local_batch_size(batch_size))
-    with mesh, nn.logical_axis_rules(rules):
+    with partitioning.mesh_context(mesh, rules):
         train_step = jit_train_step(make_train_step(task, tx, seed, grad_accum_steps),
                                     state_shardings, mesh, example)
         eval_step = jax.jit(make_eval_step(task))
@@ -244,7 +244,7 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
     local_batch = partitioning.host_local_batch_size(batch_size)
     step = start
     try:
-        with mesh, nn.logical_axis_rules(rules), _PreemptionFlag() as preemption:
+        with partitioning.mesh_context(mesh, rules), _PreemptionFlag() as preemption:
             if eval_at_start and eval_every and start == 0:
                 eval_metrics = run_eval(0)
             tick, last_logged = time.perf_counter(), start

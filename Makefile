@@ -1,0 +1,40 @@
+# musicrl_jax — set-up: `make install && make demo`; tests: `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= runs/demo
+# Tests and the demo shard over 8 virtual CPU devices so every sharding path runs.
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install system-deps demo test bench clean
+
+install: system-deps $(VENV)/.installed
+
+system-deps:
+	@if ! command -v fluidsynth >/dev/null || [ ! -f /usr/share/sounds/sf2/TimGM6mb.sf2 ]; then \
+	  echo "Installing FluidSynth and a General MIDI soundfont (apt-get)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq fluidsynth timgm6mb-soundfont; \
+	fi
+
+$(VENV)/.installed: setup.py requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+demo: install
+	$(PY) -m musicrl_jax.main --gin_file=local/demo.gin --gin_bindings="RUN_DIR='$(RUN_DIR)'"
+
+test: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/decode.py
+
+clean:
+	rm -rf runs

@@ -1,0 +1,46 @@
+"""Shared fixtures. Every test sees 8 virtual CPU devices so sharding is real."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import flax.linen as nn  # noqa: E402
+import gin  # noqa: E402
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from musicrl_jax.data import toy  # noqa: E402
+from musicrl_jax.models import music_lm  # noqa: E402
+from musicrl_jax.training.tasks import MusicLMTask  # noqa: E402
+
+TINY = music_lm.MusicLMConfig(caption_vocab_size=64, codebook_size=32, num_codebooks=2,
+                              embed_dim=32, num_heads=2, head_dim=16, mlp_dim=64,
+                              num_encoder_layers=1, num_decoder_layers=2,
+                              max_caption_length=8, max_frames=12)
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def tiny_params():
+    return nn.meta.unbox(music_lm.init_params(TINY, jax.random.PRNGKey(0)))
+
+
+def toy_task(config=TINY, num_train=256, num_eval=64, noise=0.05, caption_dropout=0.1):
+    kwargs = dict(num_frames=config.max_frames, num_codebooks=config.num_codebooks,
+                  codebook_size=config.codebook_size, caption_length=config.max_caption_length,
+                  noise=noise)
+    return MusicLMTask(train_source=toy.toy_source("train", num_train, **kwargs),
+                       eval_source=toy.toy_source("validation", num_eval, **kwargs),
+                       config=config, caption_dropout=caption_dropout)

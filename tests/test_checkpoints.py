@@ -1,0 +1,93 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import toy_task
+from musicrl_jax import partitioning
+from musicrl_jax.checkpoints import Checkpointer
+from musicrl_jax.errors import ConfigError
+from musicrl_jax.pipeline import read_metrics
+from musicrl_jax.training import trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _command(run_dir):
+    bindings = [f"RUN_DIR='{run_dir}'", "NUM_STEPS=40", "BATCH_SIZE=16", "MAX_FRAMES=16",
+                "train.checkpoint_every=10", "train.log_every=1", "train.eval_every=0",
+                "train.show_progress=False", "make_mesh.data=4", "make_mesh.fsdp=2",
+                "toy_source.num_examples=96"]
+    return [sys.executable, "-m", "musicrl_jax.main", "--gin_file=local/pretrain.gin",
+            *[f"--gin_bindings={b}" for b in bindings]]
+
+
+def _losses(run_dir):
+    return {row["step"]: row["loss"] for row in read_metrics(run_dir) if "loss" in row}
+
+
+def test_sigkill_then_restart_continues_with_identical_losses(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
+    subprocess.run(_command(reference), cwd=REPO, env=env, check=True, capture_output=True)
+
+    process = subprocess.Popen(_command(interrupted), cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint_20 = os.path.join(interrupted, "checkpoints", "20")
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if os.path.isdir(checkpoint_20) and max(_losses(interrupted), default=0) >= 23:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(_losses(interrupted))
+    assert 23 <= killed_at < 40
+    assert Checkpointer(os.path.join(interrupted, "checkpoints")).latest_step() in (20, 30)
+
+    subprocess.run(_command(interrupted), cwd=REPO, env=env, check=True, capture_output=True)
+    expected, resumed = _losses(reference), _losses(interrupted)
+    assert sorted(expected) == sorted(resumed) == list(range(1, 41))
+    np.testing.assert_allclose([resumed[s] for s in range(1, 41)],
+                               [expected[s] for s in range(1, 41)], rtol=1e-6)
+    assert os.path.exists(os.path.join(interrupted, "config.gin"))
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    task = toy_task()
+    saved_mesh = partitioning.make_mesh()  # data=8
+    result = trainer.train(task=task, workdir=str(tmp_path / "run"), mesh=saved_mesh,
+                           num_steps=3, batch_size=8, eval_every=0, checkpoint_every=3,
+                           show_progress=False)
+    other_mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+    tx, _ = trainer.make_optimizer(total_steps=3)
+    template, _ = trainer.create_train_state(task, tx, other_mesh, seed=1)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
+    checkpointer = Checkpointer(str(tmp_path / "run" / "checkpoints"), kind=task.kind)
+    restored = checkpointer.restore(abstract)
+    assert int(restored.step) == 3
+    kernel = restored.params["decoder_0"]["mlp"]["wi_gate"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params),
+                 jax.device_get(result["state"].params))
+    meta = checkpointer.meta()
+    assert meta["kind"] == "music_lm" and "gin" in meta
+
+
+def test_wrong_kind_and_missing_checkpoints_are_clear_errors(tmp_path):
+    task = toy_task()
+    trainer.train(task=task, workdir=str(tmp_path / "run"), mesh=partitioning.make_mesh(),
+                  num_steps=1, batch_size=8, eval_every=0, checkpoint_every=1,
+                  show_progress=False)
+    wrong = Checkpointer(str(tmp_path / "run" / "checkpoints"), kind="quality_model")
+    with pytest.raises(ConfigError, match="holds a 'music_lm' model, but a 'quality_model'"):
+        wrong.restore({})
+    with pytest.raises(ConfigError, match="No complete checkpoint in"):
+        Checkpointer(str(tmp_path / "empty")).restore({})

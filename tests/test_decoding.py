@@ -1,0 +1,125 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from musicrl_jax import decoding, partitioning
+from musicrl_jax.decoding import SamplingConfig
+from musicrl_jax.models import music_lm
+
+
+def _captions(config, batch=4, seed=0):
+    rng = np.random.default_rng(seed)
+    captions = np.zeros((batch, config.max_caption_length), np.int32)
+    captions[:, :4] = rng.integers(2, config.caption_vocab_size, (batch, 4))
+    return jnp.asarray(captions)
+
+
+@pytest.mark.parametrize("num_codebooks", [1, 3])
+def test_cached_decoding_equals_full_forward_at_every_step(tiny_config, num_codebooks):
+    config = dataclasses.replace(tiny_config, num_codebooks=num_codebooks)
+    params = partitioning.unbox(music_lm.init_params(config, jax.random.PRNGKey(1)))
+    captions = _captions(config, 2)
+    codes = jax.random.randint(jax.random.PRNGKey(2), (2, config.max_frames, num_codebooks), 0,
+                               config.codebook_size)
+    delayed = music_lm.apply_delay(codes, config.special_token)
+    full = music_lm.MusicLM(config).apply(
+        {"params": params}, captions, music_lm.decoder_inputs(delayed, config.special_token))
+    cached = decoding.cached_logits(config, params, captions, codes)
+    assert cached.shape == full.shape == (2, config.max_frames + num_codebooks - 1,
+                                          num_codebooks, config.codebook_size)
+    np.testing.assert_allclose(cached, full, atol=2e-5, rtol=1e-5)
+
+
+def test_sampling_is_reproducible_and_per_example(tiny_config, tiny_params):
+    captions = _captions(tiny_config)
+    rngs = decoding.example_rngs(jax.random.PRNGKey(7), 4)
+    first = decoding.sample(tiny_config, tiny_params, captions, rngs, num_frames=10)
+    again = decoding.sample(tiny_config, tiny_params, captions, rngs, num_frames=10)
+    np.testing.assert_array_equal(first["codes"], again["codes"])
+    assert first["codes"].shape == (4, 10, 2)
+    assert first["codes"].min() >= 0 and first["codes"].max() < tiny_config.codebook_size
+    other = decoding.sample(tiny_config, tiny_params, captions,
+                            decoding.example_rngs(jax.random.PRNGKey(8), 4), num_frames=10)
+    assert not np.array_equal(first["codes"], other["codes"])
+    # An example's clip depends on its own key and caption only, not on its batch neighbours.
+    alone = decoding.sample(tiny_config, tiny_params, captions[1:2], rngs[1:2], num_frames=10)
+    np.testing.assert_array_equal(alone["codes"][0], first["codes"][1])
+
+
+def test_cache_and_full_prefix_sampling_agree(tiny_config, tiny_params):
+    captions = _captions(tiny_config)
+    rngs = decoding.example_rngs(jax.random.PRNGKey(3), 4)
+    cached = decoding.sample(tiny_config, tiny_params, captions, rngs, num_frames=12)
+    recomputed = decoding.sample(tiny_config, tiny_params, captions, rngs, num_frames=12,
+                                 use_cache=False)
+    np.testing.assert_array_equal(cached["codes"], recomputed["codes"])
+    np.testing.assert_allclose(cached["sample_logprobs"], recomputed["sample_logprobs"], rtol=1e-5)
+
+
+def test_sample_logprobs_match_teacher_forcing(tiny_config, tiny_params):
+    captions = _captions(tiny_config)
+    rngs = decoding.example_rngs(jax.random.PRNGKey(4), 4)
+    out = decoding.sample(tiny_config, tiny_params, captions, rngs, num_frames=12)
+    per_token, per_sequence = decoding.sequence_logprobs(tiny_config, tiny_params, captions,
+                                                         out["codes"])
+    np.testing.assert_allclose(per_sequence, out["sample_logprobs"], rtol=1e-5)
+    np.testing.assert_allclose(per_token.sum(axis=(1, 2)), per_sequence, rtol=1e-6)
+    assert per_token.shape == (4, 13, 2)
+    np.testing.assert_array_equal(per_token[:, 0, 1], 0.0)  # delay slot carries no log-prob
+
+
+def test_top_k_one_is_greedy(tiny_config, tiny_params):
+    captions = _captions(tiny_config, 2)
+    greedy = SamplingConfig(top_k=1)
+    a = decoding.sample(tiny_config, tiny_params, captions,
+                        decoding.example_rngs(jax.random.PRNGKey(0), 2), num_frames=8,
+                        sampling=greedy)
+    b = decoding.sample(tiny_config, tiny_params, captions,
+                        decoding.example_rngs(jax.random.PRNGKey(1), 2), num_frames=8,
+                        sampling=greedy)
+    np.testing.assert_array_equal(a["codes"], b["codes"])
+    logits = decoding.cached_logits(tiny_config, tiny_params, captions, a["codes"])
+    delayed = music_lm.apply_delay(a["codes"], tiny_config.special_token)
+    valid = music_lm.delay_mask(8, 2)
+    argmax = np.asarray(jnp.argmax(logits, -1))
+    np.testing.assert_array_equal(np.where(valid, argmax, -1), np.where(valid, delayed, -1))
+
+
+def test_classifier_free_guidance_changes_distribution(tiny_config, tiny_params):
+    captions = _captions(tiny_config)
+    rngs = decoding.example_rngs(jax.random.PRNGKey(5), 4)
+    plain = decoding.sample(tiny_config, tiny_params, captions, rngs, num_frames=12)
+    guided = decoding.sample(tiny_config, tiny_params, captions, rngs, num_frames=12,
+                             sampling=SamplingConfig(guidance_weight=3.0))
+    assert guided["codes"].shape == plain["codes"].shape
+    assert not np.array_equal(guided["codes"], plain["codes"])
+    # Weight 0 means the unconditional model: equals sampling with empty captions.
+    uncond = decoding.sample(tiny_config, tiny_params, captions, rngs, num_frames=12,
+                             sampling=SamplingConfig(guidance_weight=0.0))
+    empty = decoding.sample(tiny_config, tiny_params, decoding.empty_captions_like(captions),
+                            rngs, num_frames=12)
+    np.testing.assert_array_equal(uncond["codes"], empty["codes"])
+
+
+def test_sharded_sampling_matches_unsharded(tiny_config, tiny_params):
+    mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+    shardings = partitioning.tree_shardings(
+        jax.eval_shape(lambda r: music_lm.init_params(tiny_config, r), jax.random.PRNGKey(0)),
+        mesh)
+    sharded_params = jax.device_put(tiny_params, shardings)
+    captions = _captions(tiny_config, 8)
+    rngs = decoding.example_rngs(jax.random.PRNGKey(6), 8)
+    expected = decoding.sample(tiny_config, tiny_params, captions, rngs, num_frames=12)
+    with partitioning.mesh_context(mesh):
+        batch = partitioning.shard_batch({"captions": np.asarray(captions)}, mesh)
+        got = decoding.sample(tiny_config, sharded_params, batch["captions"], rngs, num_frames=12)
+    np.testing.assert_array_equal(got["codes"], expected["codes"])
+
+
+def test_too_many_frames_is_a_clear_error(tiny_config, tiny_params):
+    with pytest.raises(ValueError, match="max_frames"):
+        decoding.sample(tiny_config, tiny_params, _captions(tiny_config),
+                        decoding.example_rngs(jax.random.PRNGKey(0), 4), num_frames=99)

@@ -1,0 +1,97 @@
+import dataclasses
+import os
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from musicrl_jax.models import music_lm
+from musicrl_jax.models.music_lm import MusicLM, MusicLMConfig
+
+GIN_DIR = os.path.join(os.path.dirname(__file__), "..", "gin_configs")
+
+
+def test_delay_pattern_round_trip():
+    codes = jnp.arange(2 * 5 * 3).reshape(2, 5, 3)
+    delayed = music_lm.apply_delay(codes, special_token=-1)
+    assert delayed.shape == (2, 7, 3)
+    # Codebook k is shifted right by k steps.
+    np.testing.assert_array_equal(delayed[0, :, 0], [0, 3, 6, 9, 12, -1, -1])
+    np.testing.assert_array_equal(delayed[0, :, 2], [-1, -1, 2, 5, 8, 11, 14])
+    np.testing.assert_array_equal(music_lm.undo_delay(delayed, 3), codes)
+    mask = music_lm.delay_mask(5, 3)
+    np.testing.assert_array_equal(mask, delayed[0] != -1)
+
+
+def test_single_codebook_has_no_delay():
+    codes = jnp.arange(6).reshape(1, 6, 1)
+    np.testing.assert_array_equal(music_lm.apply_delay(codes, 99), codes)
+
+
+def _inputs(config, batch=2, seed=0):
+    rng = np.random.default_rng(seed)
+    captions = np.zeros((batch, config.max_caption_length), np.int32)
+    captions[:, :3] = rng.integers(2, config.caption_vocab_size, (batch, 3))
+    codes = rng.integers(0, config.codebook_size, (batch, config.max_frames, config.num_codebooks))
+    return jnp.asarray(captions), jnp.asarray(codes, jnp.int32)
+
+
+def test_decoder_is_causal_and_uses_caption(tiny_config, tiny_params):
+    captions, codes = _inputs(tiny_config)
+    inputs = music_lm.decoder_inputs(music_lm.apply_delay(codes, 32), 32)
+    model = MusicLM(tiny_config)
+    logits = model.apply({"params": tiny_params}, captions, inputs)
+    assert logits.shape == (2, 13, 2, 32)
+    changed = inputs.at[:, 6:].set(5)
+    logits_changed = model.apply({"params": tiny_params}, captions, changed)
+    np.testing.assert_allclose(logits[:, :6], logits_changed[:, :6], atol=1e-5)
+    assert not np.allclose(logits[:, 6:], logits_changed[:, 6:], atol=1e-3)
+    other_caption = model.apply({"params": tiny_params}, captions.at[:, 0].add(1), inputs)
+    assert not np.allclose(logits, other_caption, atol=1e-3)
+
+
+def test_empty_caption_gives_finite_logits(tiny_config, tiny_params):
+    _, codes = _inputs(tiny_config)
+    empty = jnp.zeros((2, tiny_config.max_caption_length), jnp.int32)
+    loss, count = music_lm.lm_loss(tiny_config, tiny_params, empty, codes)
+    assert np.isfinite(loss) and int(count) == 2 * 12 * 2
+
+
+def test_remat_and_bfloat16_match_float32(tiny_config, tiny_params):
+    captions, codes = _inputs(tiny_config)
+
+    def loss_and_grads(config):
+        return jax.value_and_grad(lambda p: music_lm.lm_loss(config, p, captions, codes)[0])(
+            tiny_params)
+
+    loss, grads = loss_and_grads(tiny_config)
+    remat_loss, remat_grads = loss_and_grads(dataclasses.replace(tiny_config, remat="full"))
+    np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 remat_grads, grads)
+    bf16_loss, _ = loss_and_grads(dataclasses.replace(tiny_config, dtype="bfloat16"))
+    np.testing.assert_allclose(bf16_loss, loss, rtol=0.03)
+
+
+def _config_from_gin(size):
+    gin.clear_config()
+    gin.add_config_file_search_path(GIN_DIR)
+    gin.parse_config_files_and_bindings(
+        [f"models/{size}.gin"],
+        ["CAPTION_VOCAB_SIZE=1024", "CAPTION_LENGTH=64", "CODEBOOK_SIZE=1024",
+         "NUM_CODEBOOKS=4", "MAX_FRAMES=500"])
+    return MusicLMConfig()
+
+
+@pytest.mark.parametrize("size,low,high", [("tiny", 1e4, 1e6), ("small", 3e7, 1.2e8),
+                                           ("base", 2.5e8, 4e8), ("large", 1.2e9, 2e9)])
+def test_model_sizes_initialise_abstractly(size, low, high):
+    config = _config_from_gin(size)
+    shapes = jax.eval_shape(lambda r: music_lm.init_params(config, r), jax.random.PRNGKey(0))
+    count = sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes)))
+    assert low < count < high, f"{size}: {count / 1e6:.1f}M params"
+    axes = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert all(isinstance(x, nn.LogicallyPartitioned) for x in axes), "unannotated parameter"

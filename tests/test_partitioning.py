@@ -1,0 +1,58 @@
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec
+
+from musicrl_jax import partitioning
+from musicrl_jax.errors import ConfigError
+from musicrl_jax.models import music_lm
+
+
+def test_mesh_sizes_with_rest_axis():
+    mesh = partitioning.make_mesh(data=-1, fsdp=2, tensor=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(partitioning.make_mesh().shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+
+
+@pytest.mark.parametrize("sizes", [dict(data=3), dict(data=2, fsdp=2, tensor=4),
+                                   dict(data=-1, fsdp=-1)])
+def test_bad_mesh_is_a_clear_error(sizes):
+    with pytest.raises(ConfigError, match="make_mesh"):
+        partitioning.make_mesh(**sizes)
+
+
+def test_batch_must_divide_batch_axes():
+    mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+    partitioning.check_batch_size(8, mesh)
+    with pytest.raises(ConfigError, match="batch_size=6 is not divisible.*multiple of 4"):
+        partitioning.check_batch_size(6, mesh)
+
+
+def test_lm_params_are_really_sharded(tiny_config):
+    mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+    params, shardings = partitioning.sharded_init(
+        lambda rng: music_lm.init_params(tiny_config, rng), mesh, jax.random.PRNGKey(0))
+    mlp = params["decoder_0"]["mlp"]["wi_gate"]  # [embed, mlp]
+    assert mlp.sharding.spec == PartitionSpec("fsdp", "tensor")
+    assert mlp.addressable_shards[0].data.shape == (mlp.shape[0] // 2, mlp.shape[1] // 2)
+    query = params["decoder_0"]["self_attention"]["query"]  # [embed, heads, kv]
+    assert query.sharding.spec == PartitionSpec("fsdp", "tensor", None)
+    heads = params["heads"]  # [embed, codebooks, vocab]
+    assert heads.sharding.spec == PartitionSpec("fsdp", None, "tensor")
+    # Norm scales over embed are split over fsdp too: nothing is silently replicated.
+    scale = params["decoder_norm"]["scale"]
+    assert scale.sharding.spec == PartitionSpec("fsdp")
+
+
+def test_indivisible_dimension_is_replicated_not_an_error():
+    mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+    sharding = partitioning.logical_to_sharding(("vocab", "embed"), (33, 64), mesh)
+    assert sharding.spec == PartitionSpec(None, "fsdp")
+
+
+def test_shard_batch_splits_leading_axis():
+    mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+    batch = partitioning.shard_batch({"x": np.arange(16).reshape(8, 2)}, mesh)
+    assert batch["x"].sharding.spec == PartitionSpec(("data", "fsdp"), None)
+    assert batch["x"].addressable_shards[0].data.shape == (2, 2)
+    np.testing.assert_array_equal(np.asarray(batch["x"]), np.arange(16).reshape(8, 2))
