@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
-# Tests and the demo shard over 8 virtual CPU devices so every sharding path runs.
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# Tests shard over 8 virtual CPU devices so every sharding path runs.
+TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
 .PHONY: install system-deps demo test bench clean
 
@@ -30,7 +30,7 @@ demo: install
 	$(PY) -m musicrl_jax.main --gin_file=local/demo.gin --gin_bindings="RUN_DIR='$(RUN_DIR)'"
 
 test: install
-	$(PY) -m pytest -q tests
+	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q --durations=15 tests
 
 bench: install
 	$(PY) -m pip install -q -e '.[bench]'
