@@ -1,9 +1,15 @@
 """Shared fixtures. Every test sees 8 virtual CPU devices so sharding is real."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Tests build many identical tiny programs (and subprocess runs of the CLI): a persistent
+# compilation cache shared by the session turns their recompiles into cache hits.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="musicrl_jax_xla_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import flax.linen as nn  # noqa: E402
 import gin  # noqa: E402

@@ -195,21 +195,26 @@ def init_params(config: MusicLMConfig, rng: jax.Array, batch: int = 1) -> Any:
     return MusicLM(config).init(rng, caption, audio)["params"]
 
 
-def token_logprobs(config: MusicLMConfig, params, caption_tokens, audio_codes):
+def token_logprobs(config: MusicLMConfig, params, caption_tokens, audio_codes, audio_mask=None):
     """Teacher-forced log-probs of `audio_codes` [batch, frames, K] under the model.
 
-    Returns (logprobs [batch, frames + K - 1, K] with 0 at delay slots, mask [1, same, K]).
+    audio_mask [batch, frames] (1 = real frame) excludes padding frames.
+    Returns (logprobs [batch, frames + K - 1, K], 0 at delay slots and padding; mask, same shape
+    or broadcastable).
     """
     delayed = apply_delay(audio_codes, config.special_token)
     logits = MusicLM(config).apply({"params": params}, caption_tokens,
                                    decoder_inputs(delayed, config.special_token))
     mask = delay_mask(audio_codes.shape[1], config.num_codebooks)[None]
+    if audio_mask is not None:
+        frame_mask = jnp.broadcast_to(audio_mask[..., None], audio_codes.shape).astype(jnp.int32)
+        mask = mask & (apply_delay(frame_mask, 0) > 0)
     targets = jnp.where(mask, delayed, 0)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
     return jnp.where(mask, logprobs, 0.0), mask
 
 
-def lm_loss(config: MusicLMConfig, params, caption_tokens, audio_codes):
+def lm_loss(config: MusicLMConfig, params, caption_tokens, audio_codes, audio_mask=None):
     """Next-token cross-entropy summed over real positions: (loss_sum, token_count)."""
-    logprobs, mask = token_logprobs(config, params, caption_tokens, audio_codes)
+    logprobs, mask = token_logprobs(config, params, caption_tokens, audio_codes, audio_mask)
     return -logprobs.sum(), jnp.broadcast_to(mask, logprobs.shape).sum()

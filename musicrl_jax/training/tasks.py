@@ -41,7 +41,8 @@ class MusicLMTask:
         if self.caption_dropout > 0:
             drop = jax.random.bernoulli(rng, self.caption_dropout, (captions.shape[0], 1))
             captions = jnp.where(drop, empty_captions_like(captions), captions)
-        loss_sum, count = music_lm.lm_loss(self.config, params, captions, batch["audio_codes"])
+        loss_sum, count = music_lm.lm_loss(self.config, params, captions, batch["audio_codes"],
+                                           batch.get("audio_mask"))
         return loss_sum, count, {"loss": loss_sum}
 
     def flops_per_example(self, batch) -> float:
