@@ -20,7 +20,7 @@ flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'train.num_ste
 flags.DEFINE_list("gin_search_paths", [], "Extra directories to search for gin files.")
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_SEARCH_PATHS = (".", os.path.join(PACKAGE_ROOT, "gin_configs"), PACKAGE_ROOT)
+DEFAULT_SEARCH_PATHS = (os.path.join(PACKAGE_ROOT, "gin_configs"), ".", PACKAGE_ROOT)
 
 
 def maybe_initialize_distributed():

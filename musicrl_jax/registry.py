@@ -3,7 +3,8 @@
 import gin
 
 from musicrl_jax import checkpoints, decoding, partitioning, pipeline  # noqa: F401
-from musicrl_jax.data import toy  # noqa: F401
+from musicrl_jax.audio import tokenizer  # noqa: F401
+from musicrl_jax.data import musicrl_music, tasks as data_tasks, toy, vocab  # noqa: F401
 from musicrl_jax.models import music_lm  # noqa: F401
 from musicrl_jax.training import tasks, trainer  # noqa: F401
 

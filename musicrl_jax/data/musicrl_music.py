@@ -41,6 +41,7 @@ class MusicrlMusicConfig(tfds.core.BuilderConfig):
     hop_length: int = 320  # 50 token frames per second at 16 kHz
     n_mels: int = 80
     caption_vocab_size: int = 512
+    max_clips_per_score: int | None = None
     seed: int = 0
 
 
@@ -62,6 +63,9 @@ class MusicrlMusic(tfds.core.GeneratorBasedBuilder):
         MusicrlMusicConfig(name="demo", description="~2,000 clips of 5 s: the CPU demo."),
         MusicrlMusicConfig(name="paper", description="~20,000 clips of 10 s, as the paper's.",
                            num_clips=20000, clip_seconds=10.0, codebook_size=1024),
+        MusicrlMusicConfig(name="tiny", description="60 clips of 2 s for tests and smoke runs.",
+                           num_clips=60, clip_seconds=2.0, num_codebooks=2, codebook_size=32,
+                           caption_vocab_size=200, max_clips_per_score=2),
     ]
     DEFAULT_CONFIG_NAME = "demo"
 
@@ -92,7 +96,8 @@ class MusicrlMusic(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         corpus_dir = os.path.join(self.assets, "corpus")
         build = corpus_lib.build_corpus(corpus_dir, num_clips=cfg.num_clips,
-                                        clip_seconds=cfg.clip_seconds, seed=cfg.seed)
+                                        clip_seconds=cfg.clip_seconds, seed=cfg.seed,
+                                        max_clips_per_score=cfg.max_clips_per_score)
         clips = {split: [c for c in build.clips if c.split == split] for split in SPLITS}
         empty = [s for s, c in clips.items() if not c]
         if empty:

@@ -89,28 +89,46 @@ def register_tasks(data_dir: str = gin.REQUIRED, config_name: str = "demo") -> N
     source = seqio.TfdsDataSource(tfds_name=f"musicrl_music/{config_name}:1.0.0",
                                   tfds_data_dir=data_dir)
     caption_feature = seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)
-    rename = functools.partial(seqio.preprocessors.rekey, key_map={
-        "caption_tokens": "caption", "audio_codes": "audio_tokens", "clip_id": "clip_id",
-        "caption": "caption", "tempo_bpm": "tempo_bpm", "key_tonic": "key_tonic",
-        "key_mode": "key_mode", "style": "style"})
-    for name in (PRETRAIN_TASK, PROMPTS_TASK):
-        seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(
-        PRETRAIN_TASK, source=source,
-        output_features={
-            "caption_tokens": caption_feature,
-            "audio_codes": seqio.Feature(
-                seqio.PassThroughVocabulary(builder_config.codebook_size), add_eos=False,
-                dtype=tf.int32, rank=2)},
-        preprocessors=[rename,
-                       functools.partial(_check_audio_tokens,
-                                         codebook_size=builder_config.codebook_size,
-                                         num_codebooks=builder_config.num_codebooks),
-                       seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim])
+    add_pretrain_task(PRETRAIN_TASK, source, vocabulary, builder_config.codebook_size,
+                      builder_config.num_codebooks)
+    seqio.TaskRegistry.remove(PROMPTS_TASK)
     seqio.TaskRegistry.add(
         PROMPTS_TASK, source=source, output_features={"caption_tokens": caption_feature},
-        preprocessors=[rename, seqio.preprocessors.tokenize,
+        preprocessors=[_rename, seqio.preprocessors.tokenize,
                        seqio.preprocessors.append_eos_after_trim])
+
+
+def add_pretrain_task(name, source, vocabulary, codebook_size, num_codebooks):
+    """Registers a caption -> audio codes task over any seqio source with the record fields
+    `clip_id`, `caption` (text) and `audio_tokens` [frames, K]."""
+    seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add(
+        name, source=source,
+        output_features={
+            "caption_tokens": seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32),
+            "audio_codes": seqio.Feature(seqio.PassThroughVocabulary(codebook_size),
+                                         add_eos=False, dtype=tf.int32, rank=2)},
+        preprocessors=[functools.partial(_rename,
+                                         required=("caption", "clip_id", "audio_tokens")),
+                       functools.partial(_check_audio_tokens, codebook_size=codebook_size,
+                                         num_codebooks=num_codebooks),
+                       seqio.preprocessors.tokenize, seqio.preprocessors.append_eos_after_trim])
+
+
+_RECORD_FIELDS = {"caption_tokens": "caption", "audio_codes": "audio_tokens",
+                  "clip_id": "clip_id", "caption": "caption", "tempo_bpm": "tempo_bpm",
+                  "key_tonic": "key_tonic", "key_mode": "key_mode", "style": "style"}
+
+
+def _rename(ds, required=("caption", "clip_id")):
+    """Model-facing names for the record fields; a missing required field is named."""
+    missing = sorted(set(required) - set(ds.element_spec))
+    if missing:
+        raise ConfigError(f"music records lack the field(s) {missing} (have "
+                          f"{sorted(ds.element_spec)}). Fix: rebuild the dataset with "
+                          "musicrl_jax/data/build.py or add the fields to your records.")
+    key_map = {k: v for k, v in _RECORD_FIELDS.items() if v in ds.element_spec}
+    return seqio.preprocessors.rekey(ds, key_map=key_map)
 
 
 def _task_numpy(task_name, split, lengths, per_host, converter=None):
@@ -128,7 +146,7 @@ def _task_numpy(task_name, split, lengths, per_host, converter=None):
         raise ConfigError(f"seqio task {task_name!r}, split {split!r}: a malformed record: "
                           f"{err.message.splitlines()[0][:800]}\nFix: rebuild the dataset "
                           "(delete its TFDS directory) or drop that clip.") from err
-    except ValueError as err:
+    except (ValueError, KeyError) as err:
         if "No Task or Mixture found" in str(err):
             raise ConfigError(f"seqio task {task_name!r} is not registered. Fix: call "
                               "register_tasks(data_dir) (the data stage does).") from err

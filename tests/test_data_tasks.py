@@ -1,0 +1,85 @@
+"""The data stage end to end on the `tiny` config, and the seqio tasks' error handling."""
+
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+from musicrl_jax.data import musicrl_music, tasks, vocab
+from musicrl_jax.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    data_dir = str(tmp_path_factory.mktemp("data"))
+    assets = musicrl_music.prepare_music_data(data_dir, "tiny")
+    tasks.register_tasks(data_dir, "tiny")
+    return data_dir, assets
+
+
+def test_tiny_dataset_yields_documented_shapes(tiny_data):
+    data_dir, assets = tiny_data
+    builder = musicrl_music.MusicrlMusic(config="tiny", data_dir=data_dir)
+    counts = {name: split.num_examples for name, split in builder.info.splits.items()}
+    assert set(counts) == {"train", "validation", "test"} and all(counts.values())
+    source = tasks.seqio_source("train", caption_length=40, num_frames=120)
+    arrays = source.arrays
+    n = counts["train"]
+    assert arrays["caption_tokens"].shape == (n, 40)
+    assert arrays["audio_codes"].shape == (n, 120, 2)
+    assert arrays["audio_mask"].shape == (n, 120)
+    # 2 s at 50 frames/s = 100 real frames, then padding with mask 0.
+    np.testing.assert_array_equal(arrays["audio_mask"].sum(1), 100)
+    assert arrays["audio_codes"][:, 100:].max() == 0
+    assert 0 <= arrays["audio_codes"].min() and arrays["audio_codes"].max() < 32
+    # Captions end with EOS (1) and decode back to text through the seqio vocabulary.
+    vocabulary = vocab.load_caption_vocabulary(f"{assets}/vocab")
+    first = arrays["caption_tokens"][0]
+    assert 1 in first.tolist()
+    assert "BPM" in vocabulary.decode(first.tolist())
+    prompts = tasks.prompts("validation", caption_length=40)
+    assert len(prompts["caption"]) == counts["validation"]
+    assert prompts["caption_tokens"].shape == (counts["validation"], 40)
+
+
+def _records_task(records, name="musicrl_test_records"):
+    vocabulary = seqio.PassThroughVocabulary(300)
+
+    def dataset_fn(split, shuffle_files, seed=None):
+        del split, shuffle_files, seed
+        return tf.data.Dataset.from_generator(
+            lambda: iter(records),
+            output_signature={k: tf.TensorSpec(np.shape(v), tf.string if isinstance(v, str)
+                                               else tf.int32)
+                              for k, v in records[0].items()})
+
+    source = seqio.FunctionDataSource(dataset_fn, splits=["train"])
+    # The caption is already text; tokenisation through a real vocabulary is tested above.
+    tasks.add_pretrain_task(name, source, seqio.SentencePieceVocabulary(
+        vocab.train_caption_vocabulary(["a slow chorale in C major"] * 50, _records_task.dir,
+                                       vocab_size=40)), codebook_size=16, num_codebooks=2)
+    return name
+
+
+def test_out_of_range_token_names_the_clip(tmp_path):
+    _records_task.dir = str(tmp_path)
+    good = {"clip_id": "good-clip", "caption": "a slow chorale",
+            "audio_tokens": np.zeros((8, 2), np.int32)}
+    bad = dict(good, clip_id="bad-clip-17", audio_tokens=np.full((8, 2), 99, np.int32))
+    name = _records_task([good, bad])
+    with pytest.raises(ConfigError, match="bad-clip-17.*outside"):
+        tasks._task_numpy(name, "train", {"caption_tokens": 16, "audio_codes": 8}, False,
+                          tasks.MusicLMFeatureConverter())
+
+
+def test_record_without_tokens_names_the_field(tmp_path):
+    _records_task.dir = str(tmp_path)
+    name = _records_task([{"clip_id": "c1", "caption": "a slow chorale"}])
+    with pytest.raises(ConfigError, match=r"lack the field\(s\) \['audio_tokens'\]"):
+        tasks._task_numpy(name, "train", {"caption_tokens": 16, "audio_codes": 8}, False,
+                          tasks.MusicLMFeatureConverter())
+
+
+def test_unregistered_task_is_a_clear_error():
+    with pytest.raises(ConfigError, match="not registered"):
+        tasks._task_numpy("musicrl_no_such_task", "train", {"caption_tokens": 8}, False)
