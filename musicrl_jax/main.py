@@ -7,6 +7,7 @@ print one paragraph and exit with status 2 instead of a traceback.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 
@@ -37,9 +38,19 @@ def maybe_initialize_distributed():
         jax.distributed.initialize()
 
 
+class _GinSearchNoise(std_logging.Filter):
+    """gin logs an error for every search path an include is *not* found in; only the final
+    failure matters, and that one becomes a ConfigError."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("Path not found")
+
+
 def parse_gin(gin_files, gin_bindings, search_paths=()):
     """Parses gin files and bindings, turning gin's errors into ConfigErrors that say the fix."""
     import gin
+
+    std_logging.getLogger().addFilter(_GinSearchNoise())
 
     from musicrl_jax import registry  # noqa: F401  (registers every configurable)
     from musicrl_jax.errors import ConfigError
