@@ -18,7 +18,6 @@ The corpus directory holds ``manifest.jsonl`` with records carrying ``wav``
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -121,25 +120,14 @@ def load_corpus(corpus_dir: str, max_seconds: float, max_train: int,
     import librosa
     import soundfile as sf
 
-    manifest = os.path.join(corpus_dir, "manifest.jsonl")
-    if not os.path.isfile(manifest):
-        raise FileNotFoundError(
-            f"{manifest} is missing; build the corpus with `python -m "
-            f"musicrl_jax.data.corpus --out_dir {corpus_dir}`.")
+    from musicrl_jax.data.corpus import load_manifest
+
     by_split: dict[str, list[str]] = {}
-    with open(manifest, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                by_split.setdefault(record["split"], []).append(record["wav"])
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{manifest}:{line_no}: bad record ({err}); "
-                                 "expected fields 'wav' and 'split'.") from err
+    for clip in load_manifest(corpus_dir):
+        by_split.setdefault(clip.split, []).append(clip.wav)
     held_out = "test" if by_split.get("test") else "validation"
     if not by_split.get("train") or not by_split.get(held_out):
-        raise ValueError(f"{manifest}: need 'train' and 'test' or 'validation' "
+        raise ValueError(f"{corpus_dir}: need 'train' and 'test' or 'validation' "
                          f"records, found splits {sorted(by_split)}.")
 
     def read(rel_path: str) -> np.ndarray:

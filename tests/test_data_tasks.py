@@ -42,8 +42,7 @@ def test_tiny_dataset_yields_documented_shapes(tiny_data):
     assert prompts["caption_tokens"].shape == (counts["validation"], 40)
 
 
-def _records_task(records, name="musicrl_test_records"):
-    vocabulary = seqio.PassThroughVocabulary(300)
+def _records_task(records, vocab_dir, name="musicrl_test_records"):
 
     def dataset_fn(split, shuffle_files, seed=None):
         del split, shuffle_files, seed
@@ -56,25 +55,23 @@ def _records_task(records, name="musicrl_test_records"):
     source = seqio.FunctionDataSource(dataset_fn, splits=["train"])
     # The caption is already text; tokenisation through a real vocabulary is tested above.
     tasks.add_pretrain_task(name, source, seqio.SentencePieceVocabulary(
-        vocab.train_caption_vocabulary(["a slow chorale in C major"] * 50, _records_task.dir,
+        vocab.train_caption_vocabulary(["a slow chorale in C major"] * 50, vocab_dir,
                                        vocab_size=40)), codebook_size=16, num_codebooks=2)
     return name
 
 
 def test_out_of_range_token_names_the_clip(tmp_path):
-    _records_task.dir = str(tmp_path)
     good = {"clip_id": "good-clip", "caption": "a slow chorale",
             "audio_tokens": np.zeros((8, 2), np.int32)}
     bad = dict(good, clip_id="bad-clip-17", audio_tokens=np.full((8, 2), 99, np.int32))
-    name = _records_task([good, bad])
+    name = _records_task([good, bad], str(tmp_path))
     with pytest.raises(ConfigError, match="bad-clip-17.*outside"):
         tasks._task_numpy(name, "train", {"caption_tokens": 16, "audio_codes": 8}, False,
                           tasks.MusicLMFeatureConverter())
 
 
 def test_record_without_tokens_names_the_field(tmp_path):
-    _records_task.dir = str(tmp_path)
-    name = _records_task([{"clip_id": "c1", "caption": "a slow chorale"}])
+    name = _records_task([{"clip_id": "c1", "caption": "a slow chorale"}], str(tmp_path))
     with pytest.raises(ConfigError, match=r"lack the field\(s\) \['audio_tokens'\]"):
         tasks._task_numpy(name, "train", {"caption_tokens": 16, "audio_codes": 8}, False,
                           tasks.MusicLMFeatureConverter())

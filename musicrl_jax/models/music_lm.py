@@ -16,7 +16,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from musicrl_jax.models.layers import MLP, Attention, Embed, RMSNorm, constrain, param_with_axes
+from musicrl_jax.models.layers import MLP, Attention, Embed, RMSNorm, constrain
 
 _REMAT_POLICIES = {
     "full": None,

@@ -14,7 +14,6 @@ import time
 from typing import Any, Callable
 
 import flax
-import flax.linen as nn
 import gin
 import jax
 import jax.numpy as jnp
