@@ -278,6 +278,16 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
                     logging.warning("SIGTERM: saved step %d, stopping.", done)
                     break
             step = int(state.step)
+        # Split-level metrics that per-batch averages cannot give (recall@k, correlations, ECE).
+        if hasattr(task, "heldout_metrics") and eval_every:
+            heldout = {k: float(v) for k, v in task.heldout_metrics(state.params).items()}
+            eval_metrics = {**eval_metrics, **heldout}
+            writer.write_scalars(step, {f"heldout/{k}": v for k, v in heldout.items()})
+            if metrics_log:
+                metrics_log.write(json.dumps({"step": step, "heldout": heldout}) + "\n")
+            if is_main and show_progress:
+                progress.write(f"[{task.kind}] held-out: " +
+                               ", ".join(f"{k}={v:.4f}" for k, v in heldout.items()))
     finally:
         progress.close()
         checkpointer.close()
