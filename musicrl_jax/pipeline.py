@@ -58,13 +58,23 @@ def _write_audio(assets_dir: str, codes, run_dir: str) -> list[str]:
     return wavs
 
 
+def train_stage(name: str, task_factory: Callable, run_dir: str) -> dict:
+    """Trains one stage in `run_dir/name` under the gin scope `name`, so a run file can set
+    e.g. `text_reward/train.num_steps` apart from the other stages."""
+    with gin.config_scope(name):
+        task = task_factory()
+        result = trainer.train(task=task, workdir=os.path.join(run_dir, name))
+    return {**result, "task": task}
+
+
 @gin.configurable
 def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
+         text_reward_task: Callable | None = None,
          prepare_data: Callable | None = None, register_tasks: Callable | None = None,
          num_sample_captions: int = 8, sample_frames: int | None = None,
          sampling=decoding.SamplingConfig(), seed: int = 0):
-    """Runs the recipe's stages in order. `pretrain_task` is a task factory, called after the
-    data stage so that its sources read the freshly built data."""
+    """Runs the recipe's stages in order. Tasks are factories, called after the data stage so
+    that their sources read the freshly built data."""
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     assets = None
@@ -74,12 +84,17 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
         register_tasks()
 
     print("== pretrain the music LM ==", flush=True)
-    task = pretrain_task()
+    result = train_stage("pretrain", pretrain_task, run_dir)
+    task = result["task"]
     pretrain_dir = os.path.join(run_dir, "pretrain")
-    result = trainer.train(task=task, workdir=pretrain_dir)
     history = eval_history(pretrain_dir)
     first, last = min(history), max(history)
     config = task.config
+
+    text_reward = None
+    if text_reward_task is not None:
+        print("== text-adherence reward (MuLan-style dual encoder) ==", flush=True)
+        text_reward = train_stage("text_reward", text_reward_task, run_dir)
 
     print("== sample held-out captions ==", flush=True)
     if assets:
@@ -122,7 +137,18 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
         f"- validation loss: {history[first]['loss']:.4f} (step {first}) -> "
         f"{history[last]['loss']:.4f} (step {last})",
         f"- checkpoints: `{os.path.join(pretrain_dir, 'checkpoints')}`", "",
-        "## 3. Samples from the pretrained LM", "",
+    ]
+    if text_reward:
+        metrics = text_reward["eval"]
+        report += [
+            "## 3. Text-adherence reward (contrastive dual encoder; reward = cosine)", "",
+            f"- steps: {text_reward['step']}; held-out retrieval over "
+            f"{metrics.get('num_captions', 0):.0f} captions: "
+            + ", ".join(f"{k} {metrics[k]:.3f}" for k in sorted(metrics) if "recall" in k
+                        or "chance" in k),
+            f"- checkpoints: `{os.path.join(run_dir, 'text_reward', 'checkpoints')}`", ""]
+    report += [
+        f"## {4 if text_reward else 3}. Samples from the pretrained LM", "",
         f"{len(captions)} held-out captions x {frames} frames x {config.num_codebooks} codebooks "
         f"(KV-cache sampling, {sampling}) -> `samples/pretrained_lm.npz`", "",
     ]

@@ -1,0 +1,273 @@
+"""Simulated rater panel: consistency with the caption, quality sensitivity, subjectivity,
+determinism, disjoint train/eval raters and win-rate statistics.
+
+Clips are rendered on the fly with FluidSynth from small MIDI pieces (no corpus needed): each
+piece is rendered at the caption's tempo and at double tempo (the same notes, twice the BPM,
+so the 5 s window holds twice as much music rather than silence).
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from musicrl_jax import raters
+from musicrl_jax.audio import features, synthesis
+from musicrl_jax.data import corpus
+
+try:
+    synthesis.find_fluidsynth()
+    synthesis.find_soundfont()
+    HAVE_SYNTH = True
+except synthesis.SynthesisUnavailableError:
+    HAVE_SYNTH = False
+needs_synth = pytest.mark.skipif(not HAVE_SYNTH, reason="FluidSynth/soundfont not installed")
+
+SR = 16000
+SCALES = {"major": (0, 2, 4, 5, 7, 9, 11), "minor": (0, 2, 3, 5, 7, 8, 10)}
+PIECES = (
+    dict(name="piano_c", tonic=0, mode="major", bpm=100, melody=0, accomp=0, drums=False),
+    dict(name="flute_am", tonic=9, mode="minor", bpm=80, melody=73, accomp=48, drums=False),
+    dict(name="guitar_g", tonic=7, mode="major", bpm=112, melody=24, accomp=24, drums=False),
+    dict(name="violin_d", tonic=2, mode="major", bpm=92, melody=40, accomp=42, drums=True),
+)
+
+
+def _voices(piece, bars=6):
+    scale = SCALES[piece["mode"]]
+    base = 60 + piece["tonic"] - (12 if piece["tonic"] > 6 else 0)
+    degrees = (0, 2, 4, 2, 3, 1, 4, 4, 5, 4, 3, 2, 1, 2, 0, 0)
+    rhythm = (0.5, 0.5, 1.0, 0.5, 0.5, 1.0)
+    melody, t, i = [], 0.0, 0
+    while t < 4 * bars:
+        d, deg = rhythm[i % len(rhythm)], degrees[i % len(degrees)]
+        melody.append((t, 0.95 * d, (base + 12 + scale[deg % 7],), 96))
+        t, i = t + d, i + 1
+    chords = []
+    for bar in range(bars):
+        root = (0, 3, 4, 0)[bar % 4]  # I IV V I
+        pitches = tuple(base - 12 + scale[(root + k) % 7] + (12 if root + k >= 7 else 0)
+                        for k in (0, 2, 4))
+        chords += [(4.0 * bar + beat, 0.9, pitches, 70) for beat in range(4)]
+    voices = [corpus.MidiVoice(piece["melody"], "melody", melody),
+              corpus.MidiVoice(piece["accomp"], "accompaniment", chords)]
+    if piece["drums"]:
+        hits = [(float(b), 0.25, (36 if b % 2 == 0 else 38,), 100) for b in range(4 * bars)]
+        hits += [(b + 0.5, 0.2, (42,), 70) for b in range(4 * bars)]
+        voices.append(corpus.MidiVoice(0, "drums", hits, drums=True))
+    return voices
+
+
+def _meta(piece):
+    instruments = [{"program": piece["melody"], "name": "", "role": "melody"}]
+    if piece["accomp"] != piece["melody"]:
+        instruments.append({"program": piece["accomp"], "name": "", "role": "accompaniment"})
+    return {"tempo_bpm": piece["bpm"], "tempo_beat": "quarter note",
+            "key_pitch_class": piece["tonic"], "key_mode": piece["mode"],
+            "instruments": instruments, "drums": piece["drums"], "time_signature": "4/4"}
+
+
+def _render(piece, tempo_factor, out_dir):
+    segment = corpus.MidiSegment(_voices(piece), int(round(piece["bpm"] * tempo_factor)), 1.0,
+                                 24.0, "4/4")
+    data, _ = corpus.midi_bytes([segment])
+    path = os.path.join(out_dir, f"{piece['name']}_x{tempo_factor:g}.mid")
+    with open(path, "wb") as f:
+        f.write(data)
+    return synthesis.render_midi(path, path[:-4] + ".wav", duration_seconds=5.0)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """{(name, tempo_factor): (waveform, caption_meta)} for every piece at 1x and 2x tempo."""
+    if not HAVE_SYNTH:
+        pytest.skip("FluidSynth/soundfont not installed")
+    out = str(tmp_path_factory.mktemp("rater_clips"))
+    return {(p["name"], f): (_render(p, f, out), _meta(p)) for p in PIECES for f in (1.0, 2.0)}
+
+
+@pytest.fixture(scope="module")
+def attrs(clips):
+    return {k: features.clip_attributes(w, SR, m) for k, (w, m) in clips.items()}
+
+
+def _noisy(waveform, snr_db, seed=0):
+    rng = np.random.default_rng(seed)
+    rms = np.sqrt(np.mean(waveform ** 2))
+    noise = rng.standard_normal(len(waveform)) * rms * 10 ** (-snr_db / 20)
+    return np.clip(waveform + noise, -1, 1).astype(np.float32)
+
+
+# --- features -------------------------------------------------------------------------------------
+def test_attributes_are_documented_and_normalised(attrs):
+    for a in attrs.values():
+        assert set(a) == set(features.ATTRIBUTE_NAMES)
+        assert all(0.0 <= v <= 1.0 and np.isfinite(v) for v in a.values()), a
+    assert len(features.ATTRIBUTES) == len(set(features.ATTRIBUTE_NAMES))
+
+
+@needs_synth
+def test_text_adherence_attributes_track_the_caption(clips, attrs):
+    for p in PIECES:
+        a = attrs[(p["name"], 1.0)]
+        assert a["key_match"] > 0.8, (p["name"], a["key_match"])
+        assert a["tempo_match"] > 0.8, (p["name"], a["tempo_match"])
+        # the same audio against a caption in a distant key (tritone away) and half the BPM
+        wrong = dict(_meta(p), key_pitch_class=(p["tonic"] + 6) % 12, tempo_bpm=p["bpm"] * 0.7)
+        b = features.clip_attributes(clips[(p["name"], 1.0)][0], SR, wrong)
+        assert b["key_match"] < a["key_match"] - 0.5 and b["tempo_match"] < 0.2
+
+
+def test_quality_attributes_see_noise_clipping_and_silence(clips):
+    wave = clips[("piano_c", 1.0)][0]
+    meta = clips[("piano_c", 1.0)][1]
+    clean = features.clip_attributes(wave, SR, meta)
+    noisy = features.clip_attributes(_noisy(wave, 5.0), SR, meta)
+    clipped = features.clip_attributes(np.clip(wave * 8, -1, 1), SR, meta)
+    silent = features.clip_attributes(np.concatenate([wave[:SR], np.zeros(4 * SR, np.float32)]),
+                                      SR, meta)
+    assert noisy["snr"] < clean["snr"] - 0.3 and noisy["tonality"] < clean["tonality"]
+    assert noisy["smoothness"] < clean["smoothness"]
+    assert clipped["no_clipping"] < 0.5 < clean["no_clipping"]
+    assert silent["non_silence"] < 0.4 < clean["non_silence"]
+    zeros = features.clip_attributes(np.zeros(5 * SR, np.float32), SR, meta)
+    assert zeros["tempo_match"] == 0.0 and zeros["non_silence"] == 0.0
+    # other sample rates are resampled to 16 kHz first; batched helper matches
+    from scipy.signal import resample_poly
+    at_32k = features.clip_attributes(resample_poly(wave, 2, 1), 32000, meta)
+    assert abs(at_32k["key_match"] - clean["key_match"]) < 0.1
+    batch = features.batch_attributes([wave, wave], SR, [meta, meta], as_array=True)
+    assert batch.shape == (2, len(features.ATTRIBUTE_NAMES))
+    np.testing.assert_allclose(batch[0], [clean[n] for n in features.ATTRIBUTE_NAMES], atol=1e-6)
+
+
+# --- consistency ----------------------------------------------------------------------------------
+def test_caption_tempo_beats_double_tempo_for_most_raters(attrs):
+    panel = raters.RaterPanel.sample(50, seed=0)
+    choices = []
+    for i, p in enumerate(PIECES):
+        choices += raters.compare_all(panel, attrs[(p["name"], 1.0)], attrs[(p["name"], 2.0)],
+                                      seed=i)
+    result = raters.win_rate(choices)  # pooled sampled choices: 50 raters x 4 pieces
+    assert result.rate > 0.6 and result.low > 0.5, result
+    # per rater: the Bradley-Terry probability of preferring the caption tempo, averaged over
+    # the pieces; "most raters" = more than 70% of them prefer it on average
+    p_a = np.array([[raters.preference_probability(r, attrs[(p["name"], 1.0)],
+                                                   attrs[(p["name"], 2.0)]) for p in PIECES]
+                    for r in panel])
+    assert np.mean(p_a.mean(axis=1) > 0.5) > 0.7, p_a.mean(axis=1)
+
+
+def test_added_noise_lowers_ratings(clips, attrs):
+    panel = raters.RaterPanel.sample(50, seed=1)
+    for p in PIECES[:2]:
+        wave, meta = clips[(p["name"], 1.0)]
+        clean = np.mean(raters.rate_all(panel, attrs[(p["name"], 1.0)]))
+        noisy, noisier = (np.mean(raters.rate_all(panel, features.clip_attributes(
+            _noisy(wave, snr_db), SR, meta))) for snr_db in (10.0, 0.0))
+        assert noisier < noisy < clean - 0.25, (p["name"], clean, noisy, noisier)
+
+
+# --- subjectivity ----------------------------------------------------------------------------------
+def test_raters_disagree_on_random_pairs_but_agree_on_clear_ones(clips, attrs):
+    panel = raters.RaterPanel.sample(40, seed=2)
+    keys = sorted(attrs)
+    rng = np.random.default_rng(0)
+    pairs = [(attrs[keys[i]], attrs[keys[j]])
+             for i, j in (rng.choice(len(keys), 2, replace=False) for _ in range(20))]
+    random_agreement = raters.agreement(panel, pairs, seed=0)
+    assert 0.5 < random_agreement < 0.9, random_agreement
+    clear = []
+    for p in PIECES[:2]:
+        wave, meta = clips[(p["name"], 1.0)]
+        clear.append((attrs[(p["name"], 1.0)],
+                      features.clip_attributes(_noisy(wave, 0.0), SR, meta)))
+    clear_agreement = raters.agreement(panel, clear, seed=0)
+    assert clear_agreement > 0.75 and clear_agreement > random_agreement, clear_agreement
+
+
+def test_panel_is_diverse_and_idiosyncratic():
+    panel = raters.RaterPanel.sample(200, seed=3)
+    kinds = {r.archetype for r in panel}
+    assert {"tempo", "timbre", "quality", "noisy", "balanced"} <= kinds
+    tempo_fans = [r.group_weights["tempo"] for r in panel if r.archetype == "tempo"]
+    others = [r.group_weights["tempo"] for r in panel if r.archetype != "tempo"]
+    assert np.mean(tempo_fans) > 2 * np.mean(others)
+    noisy = [r.temperature for r in panel if r.archetype == "noisy"]
+    calm = [r.temperature for r in panel if r.archetype != "noisy"]
+    assert np.median(noisy) > 2 * np.median(calm)
+    for r in panel:  # judgement weights form a distribution; taste weights are signed
+        judged = sum(r.taste[n] for g in raters.TASTE_GROUPS for n in raters.GROUP_ATTRIBUTES[g])
+        assert abs(judged - 1.0) < 1e-9
+    signs = np.sign([[r.taste[d] for d in raters.DESCRIPTIVE] for r in panel])
+    assert 0.3 < np.mean(signs > 0) < 0.7
+
+
+# --- determinism, splits, statistics ---------------------------------------------------------------
+def test_seeded_panels_and_choices_are_deterministic(attrs):
+    a, b = attrs[("piano_c", 1.0)], attrs[("flute_am", 1.0)]
+    p1, p2 = raters.RaterPanel.sample(30, seed=7), raters.RaterPanel.sample(30, seed=7)
+    assert p1 == p2 and p1 != raters.RaterPanel.sample(30, seed=8)
+    assert raters.RaterPanel.sample(10, seed=7).raters == p1.raters[:10]  # prefix-stable
+    assert raters.compare_all(p1, a, b, seed=3) == raters.compare_all(p2, a, b, seed=3)
+    assert raters.rate_all(p1, a) == raters.rate_all(p2, a)
+    assert all(1 <= r <= 5 for r in raters.rate_all(p1, a, seed=0))
+    ids = p1.rater_ids
+    assert len(set(ids)) == len(ids)
+
+
+def test_split_raters_is_disjoint_and_seeded():
+    panel = raters.RaterPanel.sample(40, seed=0)
+    train, evaluation = raters.split_raters(panel, held_out_fraction=0.25, seed=1)
+    assert len(train) == 30 and len(evaluation) == 10
+    assert not set(train.rater_ids) & set(evaluation.rater_ids)
+    assert set(train.rater_ids) | set(evaluation.rater_ids) == set(panel.rater_ids)
+    again = raters.split_raters(panel, held_out_fraction=0.25, seed=1)
+    assert again[1].rater_ids == evaluation.rater_ids
+    with pytest.raises(ValueError):
+        raters.split_raters(panel, held_out_fraction=1.0)
+
+
+def test_win_rate_counts_ties_as_half_and_skips_as_nothing():
+    result = raters.win_rate([0, 0, 1, "tie", 0.5, "skip", None])
+    assert (result.wins, result.losses, result.ties, result.skips) == (2, 1, 2, 2)
+    assert result.rate == pytest.approx(3 / 5)
+    assert result.low < result.rate < result.high
+    assert raters.choice_value("tie") == 0.5 and raters.choice_value("skip") is None
+    with pytest.raises(ValueError):
+        raters.win_rate([0, 1], method="magic")
+
+
+@pytest.mark.parametrize("method", ["wilson", "bootstrap"])
+def test_win_rate_interval_covers_the_true_rate(method):
+    rng = np.random.default_rng(0)
+    true_win, true_tie, n, trials = 0.55, 0.2, 200, 100
+    truth = true_win + true_tie / 2
+    covered = 0
+    for t in range(trials):
+        u = rng.random(n)
+        choices = np.where(u < true_win, 0, np.where(u < true_win + true_tie, 2, 1))
+        choices = [("tie" if c == 2 else int(c)) for c in choices]
+        r = raters.win_rate(choices, method=method, num_bootstrap=400, seed=t)
+        covered += r.low <= truth <= r.high
+    assert covered >= 88, covered  # nominal 95% of 100 trials
+
+
+def test_calibrate_spreads_ratings(attrs):
+    panel = raters.RaterPanel.sample(30, seed=4)
+    reference = list(attrs.values())
+    calibrated = panel.calibrate(reference, proportions=(0.2, 0.2, 0.2, 0.2, 0.2))
+    ratings = [raters.rate(r, a) for r in calibrated for a in reference]
+    counts = np.bincount(ratings, minlength=6)[1:]
+    assert np.all(counts > 0.08 * len(ratings)), counts
+    u = panel.utilities(reference)
+    assert u.shape == (30, len(reference))
+    assert u[0, 0] == pytest.approx(panel.raters[0].utility(reference[0]))
+
+
+def test_panel_config_is_gin_configurable():
+    import gin
+    gin.parse_config("PanelConfig.taste_scale = 0.0\nPanelConfig.skip_prob = 0.0")
+    panel = raters.RaterPanel.sample(5, seed=0)
+    assert all(r.taste[d] == 0.0 for r in panel for d in raters.DESCRIPTIVE)
+    assert all(r.skip_prob == 0.0 for r in panel)
