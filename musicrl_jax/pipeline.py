@@ -8,6 +8,7 @@ rerunning the demo continues work.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Callable
@@ -67,10 +68,56 @@ def train_stage(name: str, task_factory: Callable, run_dir: str) -> dict:
     return {**result, "task": task}
 
 
+def _collection_prompts(assets_dir: str, caption_length: int):
+    """Training-split captions with the metadata of the clip each was written for."""
+    from musicrl_jax.collection import Prompts
+    from musicrl_jax.data import corpus, tasks
+    prompts = tasks.prompts("train", caption_length)
+    clips = {c.clip_id: c for c in corpus.load_manifest(os.path.join(assets_dir, "corpus"))}
+    metas = [dataclasses.asdict(clips[str(i)]) for i in prompts["clip_id"]]
+    return Prompts(prompts["caption_tokens"], [str(c) for c in prompts["caption"]], metas)
+
+
+def feedback_stages(run_dir: str, assets_dir: str, lm_config, lm_params, quality_reward_task,
+                    preference_reward_task, *, num_raters: int, num_ratings: int,
+                    num_preference_pairs: int, batch_size: int, seed: int) -> dict:
+    """The rater panel rates / compares the pretrained LM's clips; the quality and preference
+    rewards train on those judgements. Raters held out here are kept for evaluation."""
+    from musicrl_jax import collection, raters
+    from musicrl_jax.audio.tokenizer import load_tokenizer
+    from musicrl_jax.data import feedback
+    tokenizer = load_tokenizer(os.path.join(assets_dir, "tokenizer"))
+    panel = raters.RaterPanel.sample(num_raters, seed)
+    train_raters, eval_raters = raters.split_raters(panel, 0.3, seed)
+    prompts = _collection_prompts(assets_dir, lm_config.max_caption_length)
+    common = dict(lm_config=lm_config, params=lm_params, tokenizer=tokenizer,
+                  panel=train_raters, prompts=prompts, batch_size=batch_size, seed=seed)
+    results = {"train_raters": len(train_raters), "eval_raters": len(eval_raters)}
+    for kind, task_factory, count, source in (
+            ("ratings", quality_reward_task, num_ratings, feedback.ratings_source),
+            ("preferences", preference_reward_task, num_preference_pairs,
+             feedback.preferences_source)):
+        if task_factory is None:
+            continue
+        print(f"== collect {kind} from the rater panel ==", flush=True)
+        directory = collection.collect(kind, os.path.join(run_dir, "feedback", kind),
+                                       num_items=count, **common)
+        stage = "quality_reward" if kind == "ratings" else "preference_reward"
+        print(f"== {stage} ==", flush=True)
+        results[stage] = train_stage(stage, lambda: task_factory(
+            train_source=source(directory, "train"), eval_source=source(directory, "validation")),
+            run_dir)
+        results[kind] = len(feedback.read_records(directory, kind))
+    return results
+
+
 @gin.configurable
 def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
-         text_reward_task: Callable | None = None,
+         text_reward_task: Callable | None = None, quality_reward_task: Callable | None = None,
+         preference_reward_task: Callable | None = None,
          prepare_data: Callable | None = None, register_tasks: Callable | None = None,
+         num_raters: int = 40, num_ratings: int = 256, num_preference_pairs: int = 256,
+         collect_batch_size: int = 32,
          num_sample_captions: int = 8, sample_frames: int | None = None,
          sampling=decoding.SamplingConfig(), seed: int = 0):
     """Runs the recipe's stages in order. Tasks are factories, called after the data stage so
@@ -95,6 +142,13 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
     if text_reward_task is not None:
         print("== text-adherence reward (MuLan-style dual encoder) ==", flush=True)
         text_reward = train_stage("text_reward", text_reward_task, run_dir)
+
+    feedback_results = {}
+    if assets and (quality_reward_task or preference_reward_task):
+        feedback_results = feedback_stages(
+            run_dir, assets, config, result["state"].params, quality_reward_task,
+            preference_reward_task, num_raters=num_raters, num_ratings=num_ratings,
+            num_preference_pairs=num_preference_pairs, batch_size=collect_batch_size, seed=seed)
 
     print("== sample held-out captions ==", flush=True)
     if assets:
@@ -123,7 +177,7 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
     if assets:
         build = json.load(open(os.path.join(assets, "corpus", "build_log.json")))
         report += [
-            "## 1. Data", "",
+            "## Data", "",
             f"- corpus: {build['clips']} clips ({build['clips_per_split']}), "
             f"{build['distinct_captions']} distinct captions, "
             f"{len(build.get('styles', {}))} styles, {len(build.get('instruments', {}))} "
@@ -132,7 +186,7 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
             "- tokenizer round trip of a test clip: `samples/*.original.wav` vs "
             "`samples/*.tokenized_000.wav`", ""]
     report += [
-        "## 2. Pretraining (music LM, next-token loss)", "",
+        "## Pretraining (music LM, next-token loss)", "",
         f"- steps: {result['step']}",
         f"- validation loss: {history[first]['loss']:.4f} (step {first}) -> "
         f"{history[last]['loss']:.4f} (step {last})",
@@ -141,14 +195,31 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
     if text_reward:
         metrics = text_reward["eval"]
         report += [
-            "## 3. Text-adherence reward (contrastive dual encoder; reward = cosine)", "",
+            "## Text-adherence reward (contrastive dual encoder; reward = cosine)", "",
             f"- steps: {text_reward['step']}; held-out retrieval over "
             f"{metrics.get('num_captions', 0):.0f} captions: "
             + ", ".join(f"{k} {metrics[k]:.3f}" for k in sorted(metrics) if "recall" in k
                         or "chance" in k),
             f"- checkpoints: `{os.path.join(run_dir, 'text_reward', 'checkpoints')}`", ""]
+    if feedback_results:
+        report += [f"## Feedback from the rater panel ({feedback_results['train_raters']} "
+                   f"training raters; {feedback_results['eval_raters']} held out for "
+                   "evaluation)", ""]
+        if "quality_reward" in feedback_results:
+            m = feedback_results["quality_reward"]["eval"]
+            report.append(f"- {feedback_results['ratings']} ratings of pretrained-LM clips -> "
+                          f"quality reward: held-out Pearson {m.get('pearson', float('nan')):.3f}, "
+                          f"Spearman {m.get('spearman', float('nan')):.3f}")
+        if "preference_reward" in feedback_results:
+            m = feedback_results["preference_reward"]["eval"]
+            report.append(f"- {feedback_results['preferences']} preference pairs -> preference "
+                          f"reward: held-out accuracy {m.get('accuracy', float('nan')):.3f} "
+                          f"(majority class {m.get('majority_rate', float('nan')):.3f}), ECE "
+                          f"{m.get('ece', float('nan')):.3f}")
+        report.append(f"- feedback shards: `{os.path.join(run_dir, 'feedback')}`")
+        report.append("")
     report += [
-        f"## {4 if text_reward else 3}. Samples from the pretrained LM", "",
+        "## Samples from the pretrained LM", "",
         f"{len(captions)} held-out captions x {frames} frames x {config.num_codebooks} codebooks "
         f"(KV-cache sampling, {sampling}) -> `samples/pretrained_lm.npz`", "",
     ]

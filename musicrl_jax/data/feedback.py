@@ -174,9 +174,11 @@ def _jsonable(value):
 def write_jsonl(path: str, records: Iterable[dict]) -> str:
     """One JSON object per record (token arrays as nested lists)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"  # written whole, then renamed: a killed writer leaves no partial shard
+    with open(tmp, "w") as f:
         for record in records:
             f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+    os.replace(tmp, path)
     return path
 
 

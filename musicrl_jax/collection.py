@@ -1,0 +1,110 @@
+"""Feedback collection: sample clips from a model for prompt captions, decode them to audio, let
+the rater panel judge them, and stream the judgements to disk as `data/feedback.py` shards.
+
+  ratings:     one clip per caption, one rater gives it 1-5 (-> the quality reward)
+  preferences: two clips per caption, one rater picks one, or ties or skips (-> the preference
+               reward), as the paper's users did with two clips from the deployed model
+
+Work is cut into batches; each batch becomes one shard (`ratings-00012.jsonl`), written whole or
+not at all, so a killed job resumes from the first missing shard and a finished job is a no-op.
+Raters hear decoded audio only, never tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from musicrl_jax import decoding, raters
+from musicrl_jax.audio import features
+from musicrl_jax.data import feedback
+from musicrl_jax.errors import ConfigError
+
+
+@dataclasses.dataclass
+class Prompts:
+    """Captions to collect on: tokens [n, text_length] (padded), texts, and each caption's
+    metadata (tempo, key, instruments: what the raters compare the audio with)."""
+    caption_tokens: np.ndarray
+    captions: Sequence[str]
+    metas: Sequence[dict[str, Any]]
+
+    def __post_init__(self):
+        if not (len(self.caption_tokens) == len(self.captions) == len(self.metas)) or not len(
+                self.captions):
+            raise ConfigError(f"Prompts: {len(self.caption_tokens)} token rows, "
+                              f"{len(self.captions)} captions and {len(self.metas)} metadata "
+                              "records; expected the same non-zero number.")
+
+
+def _shard_path(out_dir: str, kind: str, index: int) -> str:
+    return os.path.join(out_dir, f"{kind}-{index:05d}.jsonl")
+
+
+def _sample_audio(config, params, tokenizer, caption_tokens, rng, num_frames, sampling):
+    codes = decoding.sample(config, params, caption_tokens,
+                            decoding.example_rngs(rng, len(caption_tokens)),
+                            num_frames=num_frames, sampling=sampling)["codes"]
+    codes = np.asarray(codes)
+    return codes, tokenizer.decode(codes)
+
+
+def _unpadded(tokens: np.ndarray) -> list[int]:
+    return [int(t) for t in tokens[tokens > 0]]
+
+
+def collect(kind: str, out_dir: str, *, lm_config, params, tokenizer, panel: raters.RaterPanel,
+            prompts: Prompts, num_items: int, batch_size: int = 16, num_frames: int | None = None,
+            sampling=decoding.SamplingConfig(), seed: int = 0, show_progress: bool = True) -> str:
+    """Collects `num_items` ratings or preference pairs into `out_dir`; returns `out_dir`.
+
+    Which captions, raters and sampling keys a batch uses depend only on (seed, batch index),
+    so a resumed job produces exactly what an uninterrupted one would.
+    """
+    if kind not in ("ratings", "preferences"):
+        raise ConfigError(f"collect: kind={kind!r}; expected 'ratings' or 'preferences'.")
+    num_frames = num_frames or lm_config.max_frames
+    num_batches = -(-num_items // batch_size)
+    todo = [b for b in range(num_batches) if not os.path.exists(_shard_path(out_dir, kind, b))]
+    progress = tqdm(total=num_batches, initial=num_batches - len(todo), desc=f"collect {kind}",
+                    disable=not show_progress, dynamic_ncols=True)
+    for index in todo:
+        rng = np.random.default_rng([seed, index])
+        size = min(batch_size, num_items - index * batch_size)
+        chosen = rng.choice(len(prompts.captions), size)
+        captions = np.asarray(prompts.caption_tokens)[chosen]
+        metas = [prompts.metas[i] for i in chosen]
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+        codes_a, audio_a = _sample_audio(lm_config, params, tokenizer, captions,
+                                         jax.random.fold_in(key, 0), num_frames, sampling)
+        attrs_a = features.batch_attributes(audio_a, tokenizer.sample_rate, metas)
+        records = []
+        if kind == "ratings":
+            for i, c in enumerate(chosen):
+                rater = panel.raters[rng.integers(len(panel))]
+                records.append({
+                    "clip_id": f"{kind}-{index:05d}-{i:03d}", "caption": prompts.captions[c],
+                    "caption_tokens": _unpadded(captions[i]), "audio_codes": codes_a[i],
+                    "rating": raters.rate(rater, attrs_a[i], rng), "rater_id": rater.rater_id})
+        else:
+            codes_b, audio_b = _sample_audio(lm_config, params, tokenizer, captions,
+                                             jax.random.fold_in(key, 1), num_frames, sampling)
+            attrs_b = features.batch_attributes(audio_b, tokenizer.sample_rate, metas)
+            for i, c in enumerate(chosen):
+                rater = panel.raters[rng.integers(len(panel))]
+                value = raters.choice_value(raters.compare(rater, attrs_a[i], attrs_b[i], rng))
+                if value is None:  # the rater skipped this pair
+                    continue
+                records.append({
+                    "pair_id": f"{kind}-{index:05d}-{i:03d}", "caption": prompts.captions[c],
+                    "caption_tokens": _unpadded(captions[i]), "tokens_a": codes_a[i],
+                    "tokens_b": codes_b[i], "choice": value, "rater_id": rater.rater_id})
+        feedback.write_jsonl(_shard_path(out_dir, kind, index), records)
+        progress.update(1)
+    progress.close()
+    return out_dir
