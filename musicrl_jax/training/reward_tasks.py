@@ -18,6 +18,7 @@ preference uses tokens_a / tokens_b [batch, frames, K] (optional mask_a / mask_b
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
 from typing import Any, Callable
@@ -158,7 +159,7 @@ class MissingSource:
 
 
 @dataclasses.dataclass
-class _RewardTask:
+class _RewardTask(abc.ABC):
     """Shared plumbing: model construction, optional LM initialisation, scoring."""
     train_source: Any = dataclasses.field(default_factory=lambda: MissingSource("train_source"))
     eval_source: Any = dataclasses.field(default_factory=lambda: MissingSource("eval_source"))
@@ -169,8 +170,9 @@ class _RewardTask:
     init_from_music_lm: str | None = None
     eval_batch_size: int = 64
 
+    @abc.abstractmethod
     def model(self) -> nn.Module:
-        raise NotImplementedError
+        """The Flax module this reward trains."""
 
     def _example_inputs(self):
         cfg = self.config
