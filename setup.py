@@ -34,6 +34,6 @@ setup(
     extras_require={
         "test": ["pytest==9.2.0"],
         # Benchmark-only comparisons (kept out of the main install).
-        "bench": ["torch==2.13.0", "transformers"],
+        "bench": ["torch==2.13.0", "transformers==5.23.0"],
     },
 )

@@ -47,6 +47,26 @@ def _guide(logits, guidance_weight: float, guidance: bool):
     return uncond + guidance_weight * (cond - uncond)
 
 
+def _inverse_cdf_sample(keys, log_probs):
+    """Draws one token per (example, codebook) from log_probs [batch, K, vocab].
+
+    Inverse-CDF sampling: one uniform per (example, codebook) from that example's key (so a
+    sample never depends on its batch neighbours), instead of `jax.random.categorical`'s Gumbel
+    noise for every logit. Masked logits (top-k) have zero probability and are never chosen.
+    """
+    num_codebooks = log_probs.shape[-2]
+    # u in [tiny, 1): u > 0 keeps leading zero-probability (masked) tokens from being chosen.
+    tiny = jnp.finfo(jnp.float32).tiny
+    uniforms = jax.vmap(lambda key: jax.random.uniform(key, (num_codebooks,), jnp.float32,
+                                                       minval=tiny))(keys)
+    cdf = jnp.cumsum(jnp.exp(log_probs.astype(jnp.float32)), axis=-1)
+    # Scaling u by the total mass makes rounding in the sum (cdf[-1] != 1) harmless; the first
+    # index whose cdf reaches the threshold always carries positive probability.
+    threshold = uniforms[..., None] * cdf[..., -1:]
+    tokens = jnp.sum(cdf < threshold, axis=-1, dtype=jnp.int32)
+    return jnp.minimum(tokens, log_probs.shape[-1] - 1)
+
+
 def _decode_loop(config: MusicLMConfig, params, captions, num_steps: int, choose_next: Callable,
                  use_cache: bool = True):
     """Runs the decoder for `num_steps` delayed steps.
@@ -118,8 +138,9 @@ def sample(config: MusicLMConfig, params, caption_tokens, rngs, *, num_frames: i
             kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
             logits = jnp.where(logits < kth, -jnp.inf, logits)
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rngs, step)
-        tokens = jax.vmap(jax.random.categorical)(keys, logits)  # [batch, K]
-        logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], -1)[..., 0]
+        log_probs = jax.nn.log_softmax(logits)  # [batch, K, vocab]
+        tokens = _inverse_cdf_sample(keys, log_probs)  # [batch, K]
+        logprob = jnp.take_along_axis(log_probs, tokens[..., None], -1)[..., 0]
         step_valid = valid[step]
         tokens = jnp.where(step_valid, tokens, config.special_token).astype(jnp.int32)
         logprob = jnp.where(step_valid, logprob, 0.0).sum(-1)

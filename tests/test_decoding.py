@@ -123,3 +123,12 @@ def test_too_many_frames_is_a_clear_error(tiny_config, tiny_params):
     with pytest.raises(ValueError, match="max_frames"):
         decoding.sample(tiny_config, tiny_params, _captions(tiny_config),
                         decoding.example_rngs(jax.random.PRNGKey(0), 4), num_frames=99)
+
+
+def test_inverse_cdf_sampling_matches_the_distribution():
+    logits = jnp.log(jnp.array([[[0.1, 0.0, 0.6, 0.3]]]))  # token 1 has zero probability
+    keys = jax.random.split(jax.random.PRNGKey(0), 20000)
+    tokens = jax.vmap(lambda k: decoding._inverse_cdf_sample(k[None], jax.nn.log_softmax(logits))
+                      )(keys)[:, 0, 0]
+    frequencies = np.bincount(np.asarray(tokens), minlength=4) / len(tokens)
+    np.testing.assert_allclose(frequencies, [0.1, 0.0, 0.6, 0.3], atol=0.015)

@@ -57,21 +57,37 @@ def rope(x, positions, max_wavelength: float = 10_000.0):
 class Attention(nn.Module):
     """Multi-head attention; self-attention (RoPE, optional KV cache) or cross-attention.
 
-    In decode mode a self-attention layer keeps `cached_key/cached_value: [batch, max_length,
-    heads, head_dim]` and a step index in the 'cache' collection; a cross-attention layer keeps
-    the projected text keys/values so each step projects only its one new query.
+    In decode mode a self-attention layer keeps `cached_key/cached_value: [batch, heads,
+    max_length, head_dim]` and a step index in the 'cache' collection; a cross-attention layer
+    keeps the projected text keys/values (`cross_key/cross_value: [batch, heads, text_length,
+    head_dim]`, computed once when the cache is created) so each step projects only its one new
+    query. The heads-major cache layout is what the per-step attention einsums consume directly,
+    so the compiled decode step neither transposes the caches nor copies the output kernel.
     """
     num_heads: int
     head_dim: int
     dtype: Dtype = jnp.float32
     cross: bool = False
 
+    def _kernel(self, name, features):
+        return param_with_axes(self, name, nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
+                               (features, self.num_heads, self.head_dim),
+                               ("embed", "heads", "kv")).astype(self.dtype)
+
     def _project(self, name, x):
-        kernel = param_with_axes(self, name, nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
-                                 (x.shape[-1], self.num_heads, self.head_dim),
-                                 ("embed", "heads", "kv"))
-        out = jnp.einsum("ble,ehd->blhd", x, kernel.astype(self.dtype))
+        """[batch, length, heads, head_dim] (full-sequence path)."""
+        out = jnp.einsum("ble,ehd->blhd", x, self._kernel(name, x.shape[-1]))
         return constrain(out, ("batch", "length", "heads", "kv"))
+
+    def _project_heads_major(self, name, x):
+        """[batch, heads, length, head_dim] (decode caches)."""
+        out = jnp.einsum("ble,ehd->bhld", x, self._kernel(name, x.shape[-1]))
+        return constrain(out, ("batch", "heads", "length", "kv"))
+
+    def _out_kernel(self, features):
+        return param_with_axes(
+            self, "out", nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2),
+            (self.num_heads, self.head_dim, features), ("heads", "kv", "embed")).astype(self.dtype)
 
     @nn.compact
     def __call__(self, x, kv_input=None, mask=None, *, decode: bool = False,
@@ -81,21 +97,15 @@ class Attention(nn.Module):
         For decoding self-attention, q_len == 1 and the mask is derived from the cache index.
         """
         x = x.astype(self.dtype)
+        if decode:
+            return self._decode(x, kv_input, mask, decode_length)
         query = self._project("query", x)
         if self.cross:
-            if decode:
-                key_var = self.variable("cache", "cross_key", self._project, "key", kv_input)
-                value_var = self.variable("cache", "cross_value", self._project, "value", kv_input)
-                key, value = key_var.value, value_var.value
-            else:
-                key, value = self._project("key", kv_input), self._project("value", kv_input)
+            key, value = self._project("key", kv_input), self._project("value", kv_input)
         else:
             key, value = self._project("key", x), self._project("value", x)
-            if decode:
-                query, key, value, mask = self._update_cache(query, key, value, decode_length)
-            else:
-                positions = jnp.arange(x.shape[1])
-                query, key = rope(query, positions), rope(key, positions)
+            positions = jnp.arange(x.shape[1])
+            query, key = rope(query, positions), rope(key, positions)
 
         scale = self.head_dim ** -0.5
         logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * scale
@@ -104,26 +114,58 @@ class Attention(nn.Module):
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
         attended = constrain(attended, ("batch", "length", "heads", "kv"))
-        out_kernel = param_with_axes(
-            self, "out", nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2),
-            (self.num_heads, self.head_dim, x.shape[-1]), ("heads", "kv", "embed"))
-        out = jnp.einsum("bqhd,hde->bqe", attended, out_kernel.astype(self.dtype))
+        out = jnp.einsum("bqhd,hde->bqe", attended, self._out_kernel(x.shape[-1]))
+        return constrain(out, ("batch", "length", "embed"))
+
+    def _decode(self, x, kv_input, mask, decode_length):
+        """One decode step (or the cache-creating first step); x: [batch, 1, embed]."""
+        batch, q_len, features = x.shape
+        query = self._project("query", x)  # [batch, 1, heads, head_dim]
+        if self.cross:
+            key = self.variable("cache", "cross_key", self._project_heads_major, "key",
+                                kv_input).value
+            value = self.variable("cache", "cross_value", self._project_heads_major, "value",
+                                  kv_input).value
+        else:
+            query, key, value, mask = self._update_cache(
+                query, self._project("key", x), self._project("value", x), decode_length)
+        # q_len == 1, so [b, 1, h, d] -> [b, h, 1, d] only moves a unit axis (a bitcast).
+        query = constrain(jnp.swapaxes(query, 1, 2), ("batch", "heads", "length", "kv"))
+
+        scale = self.head_dim ** -0.5
+        logits = jnp.einsum("bhqd,bhkd->bhqk", query, key).astype(jnp.float32) * scale
+        if mask is not None:
+            logits = jnp.where(mask, logits, _MASKED)
+        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        attended = jnp.einsum("bhqk,bhkd->bhqd", weights, value)
+        attended = constrain(attended, ("batch", "heads", "length", "kv"))
+        # [b, h, 1, d] -> [b, 1, h*d] and [h, d, e] -> [h*d, e] are row-major reshapes (bitcasts):
+        # one plain matmul, no transpose of the activations or copy of the kernel.
+        attended = jnp.swapaxes(attended, 1, 2).reshape(batch, q_len, -1)
+        out = attended @ self._out_kernel(features).reshape(-1, features)
         return constrain(out, ("batch", "length", "embed"))
 
     def _update_cache(self, query, key, value, decode_length):
+        """query/key/value: [batch, 1, heads, head_dim] for the current position. Returns the
+        RoPE'd query (same layout), the caches [batch, heads, max_length, head_dim] and the
+        causal mask over cache slots."""
         batch, _, heads, head_dim = key.shape
-        shape = (batch, decode_length, heads, head_dim)
+        shape = (batch, heads, decode_length, head_dim)
         cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, key.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
         index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         position = index.value
         query, key = rope(query, position[None]), rope(key, position[None])
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, position, 0, 0))
+        # The single new position: [b, 1, h, d] -> [b, h, 1, d] (unit-axis move, a bitcast).
+        key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, 0, position, 0))
         cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value,
-                                                          (0, position, 0, 0))
+                                                          (0, 0, position, 0))
         index.value = position + 1
-        mask = (jnp.arange(cached_key.value.shape[1]) <= position)[None, None, None, :]
-        return query, cached_key.value, cached_value.value, mask
+        mask = (jnp.arange(decode_length) <= position)[None, None, None, :]
+        key = constrain(cached_key.value, ("batch", "heads", "length", "kv"))
+        value = constrain(cached_value.value, ("batch", "heads", "length", "kv"))
+        return query, key, value, mask
 
 
 class MLP(nn.Module):
