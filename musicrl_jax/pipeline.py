@@ -68,11 +68,11 @@ def train_stage(name: str, task_factory: Callable, run_dir: str) -> dict:
     return {**result, "task": task}
 
 
-def _collection_prompts(assets_dir: str, caption_length: int):
-    """Training-split captions with the metadata of the clip each was written for."""
+def _collection_prompts(assets_dir: str, caption_length: int, split: str = "train"):
+    """A split's captions with the metadata of the clip each was written for."""
     from musicrl_jax.collection import Prompts
     from musicrl_jax.data import corpus, tasks
-    prompts = tasks.prompts("train", caption_length)
+    prompts = tasks.prompts(split, caption_length)
     clips = {c.clip_id: c for c in corpus.load_manifest(os.path.join(assets_dir, "corpus"))}
     metas = [dataclasses.asdict(clips[str(i)]) for i in prompts["clip_id"]]
     return Prompts(prompts["caption_tokens"], [str(c) for c in prompts["caption"]], metas)
@@ -92,7 +92,8 @@ def feedback_stages(run_dir: str, assets_dir: str, lm_config, lm_params, quality
     prompts = _collection_prompts(assets_dir, lm_config.max_caption_length)
     common = dict(lm_config=lm_config, params=lm_params, tokenizer=tokenizer,
                   panel=train_raters, prompts=prompts, batch_size=batch_size, seed=seed)
-    results = {"train_raters": len(train_raters), "eval_raters": len(eval_raters)}
+    results = {"train_raters": len(train_raters), "eval_raters": len(eval_raters),
+               "eval_panel": eval_raters}
     for kind, task_factory, count, source in (
             ("ratings", quality_reward_task, num_ratings, feedback.ratings_source),
             ("preferences", preference_reward_task, num_preference_pairs,
@@ -117,7 +118,7 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
          preference_reward_task: Callable | None = None,
          prepare_data: Callable | None = None, register_tasks: Callable | None = None,
          num_raters: int = 40, num_ratings: int = 256, num_preference_pairs: int = 256,
-         collect_batch_size: int = 32,
+         collect_batch_size: int = 32, num_eval_captions: int = 32,
          num_sample_captions: int = 8, sample_frames: int | None = None,
          sampling=decoding.SamplingConfig(), seed: int = 0):
     """Runs the recipe's stages in order. Tasks are factories, called after the data stage so
@@ -169,6 +170,27 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
              codes=codes, captions=np.array(caption_texts))
     wavs = _write_audio(assets, codes, run_dir) if assets else []
 
+    evaluation_result = None
+    if assets and "eval_panel" in feedback_results:
+        from musicrl_jax import evaluation
+        from musicrl_jax.audio.tokenizer import load_tokenizer
+        print("== evaluate (held-out raters, rewards, KL) ==", flush=True)
+        lm_params = result["state"].params
+        reference = evaluation.ModelUnderTest("pretrained LM", config, lm_params, sampling)
+        models = [reference, evaluation.ModelUnderTest(
+            "pretrained LM (T=0.8, top-k 50)", config, lm_params,
+            decoding.SamplingConfig(temperature=0.8, top_k=min(50, config.codebook_size)))]
+        stages = {"text_reward": text_reward, **feedback_results}
+        reward_models = {name: (jax.jit(stages[name]["task"].score), stages[name]["state"].params)
+                         for name in ("text_reward", "quality_reward", "preference_reward")
+                         if stages.get(name)}
+        eval_prompts = _collection_prompts(assets, config.max_caption_length, "validation")
+        evaluation_result = evaluation.evaluate_models(
+            models, reference, eval_prompts, load_tokenizer(os.path.join(assets, "tokenizer")),
+            feedback_results["eval_panel"], os.path.join(run_dir, "evaluation"),
+            num_captions=min(num_eval_captions, len(eval_prompts.captions)),
+            reward_models=reward_models, seed=seed)
+
     mesh = partitioning.make_mesh()
     report = [
         "# musicrl_jax demo report", "",
@@ -217,6 +239,14 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
                           f"(majority class {m.get('majority_rate', float('nan')):.3f}), ECE "
                           f"{m.get('ece', float('nan')):.3f}")
         report.append(f"- feedback shards: `{os.path.join(run_dir, 'feedback')}`")
+        report.append("")
+    if evaluation_result:
+        report += ["## Side-by-side evaluation (held-out raters, rewards, KL)", "",
+                   "- report: `evaluation/report.html` (`evaluation/report.md`)", ""]
+        with open(os.path.join(run_dir, "evaluation", "report.md")) as f:
+            # Demoted headings, and links made relative to the run directory.
+            report += [(line.replace("## ", "### ", 1) if line.startswith("## ") else line)
+                       .replace("](", "](evaluation/") for line in f.read().splitlines()[1:]]
         report.append("")
     report += [
         "## Samples from the pretrained LM", "",

@@ -1,0 +1,181 @@
+"""Side-by-side evaluation: tiny LM -> clips -> held-out panel win rates, rewards, KL, report."""
+
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from musicrl_jax import collection, decoding, evaluation, raters
+from musicrl_jax.audio.tokenizer import MelRVQTokenizer
+from musicrl_jax.errors import ConfigError
+from musicrl_jax.evaluation import ModelUnderTest
+
+_BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "tokenizer.py")
+NUM_CAPTIONS = 24
+
+
+def MODELS(setup):
+    return [setup["reference"], setup["perturbed"], setup["cool"], setup["noisy"]]
+
+
+def _code_mean_reward(params, caption_tokens, audio_codes):
+    """A stand-in reward model: scale * mean code id."""
+    return params["scale"] * jnp.mean(audio_codes.astype(jnp.float32), axis=(1, 2))
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_config, tiny_params):
+    spec = importlib.util.spec_from_file_location("bench_tokenizer", _BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tokenizer = MelRVQTokenizer(num_codebooks=tiny_config.num_codebooks,
+                                codebook_size=tiny_config.codebook_size, kmeans_max_iters=10,
+                                griffin_lim_iters=4).fit(bench.synthetic_clips(4, 2.0, seed=0))
+    rng = np.random.default_rng(0)
+    captions = np.zeros((NUM_CAPTIONS, tiny_config.max_caption_length), np.int32)
+    for i in range(NUM_CAPTIONS):
+        length = 2 + i % 4
+        captions[i, :length] = rng.integers(2, tiny_config.caption_vocab_size, length)
+        captions[i, length] = 1
+    metas = [{"tempo_bpm": 80 + 10 * (i % 5), "key_pitch_class": i % 12, "key_mode": "major",
+              "instruments": [{"program": 0, "name": "piano", "role": "melody"}],
+              "drums": False} for i in range(NUM_CAPTIONS)]
+    prompts = collection.Prompts(captions, [f"caption {i}" for i in range(NUM_CAPTIONS)], metas)
+    _, eval_panel = raters.split_raters(raters.RaterPanel.sample(100, seed=0), 0.3, seed=0)
+    leaves, treedef = jax.tree.flatten(tiny_params)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    perturbed = jax.tree.unflatten(treedef, [
+        leaf + 0.3 * jnp.std(leaf) * jax.random.normal(k, leaf.shape, leaf.dtype)
+        for leaf, k in zip(leaves, keys)])
+    reference = ModelUnderTest("pretrained", tiny_config, tiny_params)
+    return dict(tiny_config=tiny_config, tiny_params=tiny_params, tokenizer=tokenizer,
+                prompts=prompts, eval_panel=eval_panel, reference=reference,
+                perturbed=ModelUnderTest("perturbed", tiny_config, perturbed),
+                cool=ModelUnderTest("pretrained@T0.7", tiny_config, tiny_params,
+                                    decoding.SamplingConfig(temperature=0.7)),
+                noisy=ModelUnderTest("pretrained+noise", tiny_config, tiny_params,
+                                     audio_transform=evaluation.add_noise(snr_db=-10.0)))
+
+
+@pytest.fixture(scope="module")
+def evaluated(setup, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("evaluation"))
+    result = evaluation.evaluate_models(
+        MODELS(setup), setup["reference"],
+        setup["prompts"], setup["tokenizer"], setup["eval_panel"], out,
+        num_captions=NUM_CAPTIONS, seed=0, num_audio_examples=2,
+        reward_models={"code_mean": (jax.jit(_code_mean_reward), {"scale": 2.0})})
+    return out, result
+
+
+def test_report_files_list_win_rates_with_cis(evaluated):
+    out, result = evaluated
+    for name in ("report.md", "report.html", "results.json", "win_rates.png",
+                 "reward_vs_kl.png", "attribute_breakdown.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    md = open(os.path.join(out, "report.md")).read()
+    page = open(os.path.join(out, "report.html")).read()
+    assert result["models"] == ["pretrained", "perturbed", "pretrained@T0.7", "pretrained+noise"]
+    for name in result["models"]:
+        assert f"vs {name}" in md and name in page
+    # "rate [low, high] (n=...)" cells, one per ordered pair.
+    assert len([line for line in md.splitlines() if line.startswith("| pretrained")]) >= 2
+    assert md.count("] (n=") == 12 and page.count("] (n=") == 12
+    assert "reward: code_mean" in md and "KL (params)" in md
+    # Audio players for the first captions of every model, pointing at written WAVs.
+    assert page.count("<audio controls src=") == 2 * 4
+    for paths in result["paths"]["audio"].values():
+        assert len(paths) == 2 and all(os.path.exists(p) for p in paths)
+    loaded = json.load(open(os.path.join(out, "results.json")))
+    assert loaded["models"] == result["models"]
+
+
+def test_win_rate_matrix_is_complementary_with_cis(evaluated):
+    _, result = evaluated
+    w = np.array(result["win_rate"])
+    low, high = np.array(result["win_rate_low"]), np.array(result["win_rate_high"])
+    n = len(result["models"])
+    assert w.shape == (n, n) and np.all(np.isnan(np.diag(w)))
+    off = ~np.eye(n, dtype=bool)
+    np.testing.assert_allclose((w + w.T)[off], 1.0, atol=1e-12)
+    assert np.all((low[off] <= w[off]) & (w[off] <= high[off]))
+    np.testing.assert_allclose((low + high.T)[off], 1.0, atol=1e-9)  # Wilson is symmetric
+    for key, wr in result["win_rates"].items():
+        a, b = key.split("|")
+        other = result["win_rates"][f"{b}|{a}"]
+        assert (wr["wins"], wr["ties"], wr["losses"]) == (
+            other["losses"], other["ties"], other["wins"])
+        assert wr["wins"] + wr["ties"] + wr["losses"] + wr["skips"] == NUM_CAPTIONS
+    assert len(result["judgements"]) == 6 * NUM_CAPTIONS
+
+
+def test_kl_is_zero_for_the_reference_and_positive_when_perturbed(evaluated):
+    _, result = evaluated
+    assert result["kl"]["pretrained"] == 0.0
+    assert result["kl"]["pretrained+noise"] == 0.0  # same LM; the noise is added after decoding
+    assert result["kl_sampling"]["pretrained"] == pytest.approx(0.0, abs=1e-3)
+    assert result["kl"]["perturbed"] > 3 * result["kl_stderr"]["perturbed"] > 0
+    # Sampling settings are not part of pi: the same LM at temperature 0.7 has KL 0 to it,
+    # but its sampling distribution q has KL(q || pi_ref) > 0.
+    assert result["kl"]["pretrained@T0.7"] == 0.0
+    assert result["kl_sampling"]["pretrained@T0.7"] > 3 * result["kl_sampling_stderr"][
+        "pretrained@T0.7"] > 0
+
+
+def test_panel_prefers_a_model_over_its_noise_corrupted_self(evaluated):
+    _, result = evaluated
+    names = result["models"]
+    i, j = names.index("pretrained"), names.index("pretrained+noise")
+    assert result["win_rate_low"][i][j] > 0.5
+    attrs = result["mean_attributes"]
+    assert attrs["pretrained"]["snr"] > attrs["pretrained+noise"]["snr"]
+    # The breakdown sees that the panel picks the cleaner clip.
+    bd = result["attribute_breakdown"]
+    k = bd["attributes"].index("snr")
+    assert bd["agreement"][k] > 0.5 and bd["num_judgements"] > 0
+
+
+def test_rewards_have_means_and_standard_errors(evaluated, setup):
+    _, result = evaluated
+    mean, se = result["rewards"]["pretrained"]["code_mean"]
+    assert 0.0 <= mean <= 2.0 * setup["tiny_config"].codebook_size and se > 0
+    # Rewards score tokens: the noise transform does not change them.
+    assert result["rewards"]["pretrained+noise"]["code_mean"] == [mean, se]
+
+
+def test_is_deterministic(setup, evaluated, tmp_path):
+    _, first = evaluated
+    again = evaluation.evaluate_models(
+        MODELS(setup), setup["reference"],
+        setup["prompts"], setup["tokenizer"], setup["eval_panel"], str(tmp_path),
+        num_captions=NUM_CAPTIONS, seed=0, num_audio_examples=0,
+        reward_models={"code_mean": (jax.jit(_code_mean_reward), {"scale": 2.0})})
+    for key in ("win_rate", "kl", "rewards", "judgements", "mean_attributes"):
+        assert json.dumps(again[key]) == json.dumps(first[key]), key
+
+
+def test_bad_input_is_a_clear_error(setup, tmp_path):
+    ref, common = setup["reference"], (setup["prompts"], setup["tokenizer"], setup["eval_panel"],
+                                       str(tmp_path))
+    with pytest.raises(ConfigError, match="at least 2"):
+        evaluation.evaluate_models([ref], ref, *common, num_captions=2)
+    with pytest.raises(ConfigError, match="num_captions"):
+        evaluation.evaluate_models([ref, setup["perturbed"]], ref, *common,
+                                   num_captions=NUM_CAPTIONS + 1)
+    wide = ModelUnderTest("wide", setup["tiny_config"].__class__(
+        **{**vars(setup["tiny_config"]), "num_codebooks": 3}), setup["tiny_params"])
+    with pytest.raises(ConfigError, match="tokenizer"):
+        evaluation.evaluate_models([ref, wide], ref, *common, num_captions=2)
+    with pytest.raises(ConfigError, match="more than once"):
+        evaluation.evaluate_models([ref, setup["perturbed"], setup["perturbed"]], ref, *common,
+                                   num_captions=2)
+    with pytest.raises(ConfigError, match="score_fn"):
+        evaluation.evaluate_models([ref, setup["perturbed"]], ref, *common, num_captions=2,
+                                   reward_models={"r": _code_mean_reward})
+    with pytest.raises(ConfigError, match="eval_panel"):
+        evaluation.evaluate_models([ref, setup["perturbed"]], ref, *common[:2], None,
+                                   str(tmp_path), num_captions=2)
