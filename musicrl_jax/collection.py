@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from musicrl_jax import decoding, raters
+from musicrl_jax import decoding, partitioning, raters
 from musicrl_jax.audio import features
 from musicrl_jax.data import feedback
 from musicrl_jax.errors import ConfigError
@@ -46,11 +46,17 @@ def _shard_path(out_dir: str, kind: str, index: int) -> str:
     return os.path.join(out_dir, f"{kind}-{index:05d}.jsonl")
 
 
-def _sample_audio(config, params, tokenizer, caption_tokens, rng, num_frames, sampling):
-    codes = decoding.sample(config, params, caption_tokens,
-                            decoding.example_rngs(rng, len(caption_tokens)),
-                            num_frames=num_frames, sampling=sampling)["codes"]
-    codes = np.asarray(codes)
+def _sample_audio(config, params, tokenizer, caption_tokens, rng, num_frames, sampling, mesh):
+    size = len(caption_tokens)
+    rngs = decoding.example_rngs(rng, size)
+    if mesh is not None:  # split the batch over the mesh's batch axes, beside sharded params
+        pad = -size % partitioning.batch_divisor(mesh)  # a short last batch repeats a row
+        caption_tokens = np.concatenate([caption_tokens, np.repeat(caption_tokens[:1], pad, 0)])
+        rngs = jax.numpy.concatenate([rngs, jax.numpy.repeat(rngs[:1], pad, 0)])
+        caption_tokens = partitioning.shard_batch({"c": caption_tokens}, mesh)["c"]
+    codes = decoding.sample(config, params, caption_tokens, rngs, num_frames=num_frames,
+                            sampling=sampling)["codes"]
+    codes = np.asarray(codes)[:size]
     return codes, tokenizer.decode(codes)
 
 
@@ -60,11 +66,13 @@ def _unpadded(tokens: np.ndarray) -> list[int]:
 
 def collect(kind: str, out_dir: str, *, lm_config, params, tokenizer, panel: raters.RaterPanel,
             prompts: Prompts, num_items: int, batch_size: int = 16, num_frames: int | None = None,
-            sampling=decoding.SamplingConfig(), seed: int = 0, show_progress: bool = True) -> str:
+            sampling=decoding.SamplingConfig(), seed: int = 0, show_progress: bool = True,
+            mesh=None) -> str:
     """Collects `num_items` ratings or preference pairs into `out_dir`; returns `out_dir`.
 
     Which captions, raters and sampling keys a batch uses depend only on (seed, batch index),
-    so a resumed job produces exactly what an uninterrupted one would.
+    so a resumed job produces exactly what an uninterrupted one would. With a `mesh`, each
+    batch is sharded over its batch axes; per-example keys make the clips the same either way.
     """
     if kind not in ("ratings", "preferences"):
         raise ConfigError(f"collect: kind={kind!r}; expected 'ratings' or 'preferences'.")
@@ -81,7 +89,7 @@ def collect(kind: str, out_dir: str, *, lm_config, params, tokenizer, panel: rat
         metas = [prompts.metas[i] for i in chosen]
         key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
         codes_a, audio_a = _sample_audio(lm_config, params, tokenizer, captions,
-                                         jax.random.fold_in(key, 0), num_frames, sampling)
+                                         jax.random.fold_in(key, 0), num_frames, sampling, mesh)
         attrs_a = features.batch_attributes(audio_a, tokenizer.sample_rate, metas)
         records = []
         if kind == "ratings":
@@ -93,7 +101,8 @@ def collect(kind: str, out_dir: str, *, lm_config, params, tokenizer, panel: rat
                     "rating": raters.rate(rater, attrs_a[i], rng), "rater_id": rater.rater_id})
         else:
             codes_b, audio_b = _sample_audio(lm_config, params, tokenizer, captions,
-                                             jax.random.fold_in(key, 1), num_frames, sampling)
+                                             jax.random.fold_in(key, 1), num_frames, sampling,
+                                             mesh)
             attrs_b = features.batch_attributes(audio_b, tokenizer.sample_rate, metas)
             for i, c in enumerate(chosen):
                 rater = panel.raters[rng.integers(len(panel))]

@@ -91,7 +91,8 @@ def feedback_stages(run_dir: str, assets_dir: str, lm_config, lm_params, quality
     train_raters, eval_raters = raters.split_raters(panel, 0.3, seed)
     prompts = _collection_prompts(assets_dir, lm_config.max_caption_length)
     common = dict(lm_config=lm_config, params=lm_params, tokenizer=tokenizer,
-                  panel=train_raters, prompts=prompts, batch_size=batch_size, seed=seed)
+                  panel=train_raters, prompts=prompts, batch_size=batch_size, seed=seed,
+                  mesh=partitioning.make_mesh())
     results = {"train_raters": len(train_raters), "eval_raters": len(eval_raters),
                "eval_panel": eval_raters}
     for kind, task_factory, count, source in (

@@ -66,3 +66,41 @@ def test_mismatched_prompts_are_a_clear_error(setup):
     prompts = setup["prompts"]
     with pytest.raises(ConfigError, match="expected the same non-zero number"):
         dataclasses.replace(prompts, captions=["a"])
+
+
+def test_a_crash_mid_job_loses_only_the_batch_in_flight(setup, tmp_path, monkeypatch):
+    reference = str(tmp_path / "reference")
+    collection.collect("preferences", reference, num_items=12, **setup)
+    out = str(tmp_path / "crashed")
+    calls = {"n": 0}
+    real = collection.features.batch_attributes
+
+    def crash_on_the_third_call(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # batch 1, between its two clips' measurements
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(collection.features, "batch_attributes", crash_on_the_third_call)
+    with pytest.raises(KeyboardInterrupt):
+        collection.collect("preferences", out, num_items=12, **setup)
+    assert sorted(os.listdir(out)) == ["preferences-00000.jsonl"]  # nothing partial left
+    monkeypatch.setattr(collection.features, "batch_attributes", real)
+    collection.collect("preferences", out, num_items=12, **setup)
+    for shard in sorted(os.listdir(reference)):
+        with open(os.path.join(reference, shard)) as a, open(os.path.join(out, shard)) as b:
+            assert a.read() == b.read()
+
+
+def test_sharded_collection_matches_unsharded(setup, tmp_path):
+    from musicrl_jax import partitioning
+    plain, sharded = str(tmp_path / "plain"), str(tmp_path / "sharded")
+    collection.collect("ratings", plain, num_items=6, **{**setup, "batch_size": 6})
+    mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+    with partitioning.mesh_context(mesh):
+        collection.collect("ratings", sharded, num_items=6, mesh=mesh,
+                           **{**setup, "batch_size": 6})
+    a, b = feedback.read_records(plain, "ratings"), feedback.read_records(sharded, "ratings")
+    assert [r["rating"] for r in a] == [r["rating"] for r in b]
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["audio_codes"], y["audio_codes"])
