@@ -39,6 +39,21 @@ def tiny_config():
 
 
 @pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A mel-RVQ tokenizer matching TINY (K=2, 32 entries), fitted on synthetic tones."""
+    import importlib.util
+
+    from musicrl_jax.audio.tokenizer import MelRVQTokenizer
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "tokenizer.py")
+    spec = importlib.util.spec_from_file_location("bench_tokenizer", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return MelRVQTokenizer(num_codebooks=TINY.num_codebooks, codebook_size=TINY.codebook_size,
+                           kmeans_max_iters=10, griffin_lim_iters=4).fit(
+                               bench.synthetic_clips(4, 2.0, seed=0))
+
+
+@pytest.fixture(scope="session")
 def tiny_params():
     return nn.meta.unbox(music_lm.init_params(TINY, jax.random.PRNGKey(0)))
 

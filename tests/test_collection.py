@@ -1,27 +1,19 @@
 """Feedback collection: tiny LM -> decoded audio -> rater panel -> shards; resumable."""
 
 import dataclasses
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
 from musicrl_jax import collection, raters
-from musicrl_jax.audio.tokenizer import MelRVQTokenizer
 from musicrl_jax.data import feedback
 
-_BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "tokenizer.py")
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_config, tiny_params):
-    spec = importlib.util.spec_from_file_location("bench_tokenizer", _BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    tokenizer = MelRVQTokenizer(num_codebooks=tiny_config.num_codebooks,
-                                codebook_size=tiny_config.codebook_size, kmeans_max_iters=10,
-                                griffin_lim_iters=4).fit(bench.synthetic_clips(4, 2.0, seed=0))
+def setup(tiny_config, tiny_params, tiny_tokenizer):
+    tokenizer = tiny_tokenizer
     captions = np.zeros((3, tiny_config.max_caption_length), np.int32)
     captions[:, :3] = [[5, 6, 1], [7, 8, 1], [9, 1, 0]]
     metas = [{"tempo_bpm": 90, "key_pitch_class": 0, "key_mode": "major",

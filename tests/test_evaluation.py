@@ -1,6 +1,5 @@
 """Side-by-side evaluation: tiny LM -> clips -> held-out panel win rates, rewards, KL, report."""
 
-import importlib.util
 import json
 import os
 
@@ -10,11 +9,9 @@ import numpy as np
 import pytest
 
 from musicrl_jax import collection, decoding, evaluation, raters
-from musicrl_jax.audio.tokenizer import MelRVQTokenizer
 from musicrl_jax.errors import ConfigError
 from musicrl_jax.evaluation import ModelUnderTest
 
-_BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "tokenizer.py")
 NUM_CAPTIONS = 24
 
 
@@ -28,13 +25,8 @@ def _code_mean_reward(params, caption_tokens, audio_codes):
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_config, tiny_params):
-    spec = importlib.util.spec_from_file_location("bench_tokenizer", _BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    tokenizer = MelRVQTokenizer(num_codebooks=tiny_config.num_codebooks,
-                                codebook_size=tiny_config.codebook_size, kmeans_max_iters=10,
-                                griffin_lim_iters=4).fit(bench.synthetic_clips(4, 2.0, seed=0))
+def setup(tiny_config, tiny_params, tiny_tokenizer):
+    tokenizer = tiny_tokenizer
     rng = np.random.default_rng(0)
     captions = np.zeros((NUM_CAPTIONS, tiny_config.max_caption_length), np.int32)
     for i in range(NUM_CAPTIONS):
