@@ -195,12 +195,14 @@ def init_params(config: MusicLMConfig, rng: jax.Array, batch: int = 1) -> Any:
     return MusicLM(config).init(rng, caption, audio)["params"]
 
 
-def token_logprobs(config: MusicLMConfig, params, caption_tokens, audio_codes, audio_mask=None):
+def token_logprobs(config: MusicLMConfig, params, caption_tokens, audio_codes, audio_mask=None,
+                   with_entropy: bool = False):
     """Teacher-forced log-probs of `audio_codes` [batch, frames, K] under the model.
 
     audio_mask [batch, frames] (1 = real frame) excludes padding frames.
     Returns (logprobs [batch, frames + K - 1, K], 0 at delay slots and padding; mask, same shape
-    or broadcastable).
+    or broadcastable), plus, with `with_entropy`, each position's full-distribution entropy
+    (0 off the mask), which RL's entropy bonus needs.
     """
     delayed = apply_delay(audio_codes, config.special_token)
     logits = MusicLM(config).apply({"params": params}, caption_tokens,
@@ -210,8 +212,12 @@ def token_logprobs(config: MusicLMConfig, params, caption_tokens, audio_codes, a
         frame_mask = jnp.broadcast_to(audio_mask[..., None], audio_codes.shape).astype(jnp.int32)
         mask = mask & (apply_delay(frame_mask, 0) > 0)
     targets = jnp.where(mask, delayed, 0)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
-    return jnp.where(mask, logprobs, 0.0), mask
+    log_probs = jax.nn.log_softmax(logits)
+    logprobs = jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    out = (jnp.where(mask, logprobs, 0.0), mask)
+    if with_entropy:
+        out += (jnp.where(mask, -(jnp.exp(log_probs) * log_probs).sum(-1), 0.0),)
+    return out
 
 
 def lm_loss(config: MusicLMConfig, params, caption_tokens, audio_codes, audio_mask=None):

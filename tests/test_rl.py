@@ -1,0 +1,264 @@
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from musicrl_jax import partitioning
+from musicrl_jax.errors import ConfigError
+from musicrl_jax.models import music_lm
+from musicrl_jax.training import rl
+
+TARGET_TOKEN = 7
+NUM_CAPTIONS = 4
+
+
+# --- estimators on toy arrays --------------------------------------------------------------
+
+def test_policy_gradient_matches_hand_derived_gradient():
+    theta = jnp.array([0.3, -1.2, 0.8])
+    actions = jnp.array([0, 2, 2, 1, 0])
+    adv = jnp.array([1.5, -0.5, 2.0, 0.7, -1.0])
+
+    def loss(t):
+        return rl.policy_gradient_loss(jax.nn.log_softmax(t)[actions], adv)
+
+    grad = jax.grad(loss)(theta)
+    probs = jax.nn.softmax(theta)
+    expected = -jnp.mean(adv[:, None] * (jax.nn.one_hot(actions, 3) - probs[None]), axis=0)
+    np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-7)
+    # Advantages are constants: no gradient flows into them.
+    adv_grad = jax.grad(
+        lambda a: rl.policy_gradient_loss(jax.nn.log_softmax(theta)[actions], a))(adv)
+    np.testing.assert_array_equal(adv_grad, 0.0)
+    # The importance-weighted surrogate (updates_per_batch > 1) has the same gradient at pi_old.
+    old = jax.nn.log_softmax(theta)[actions]
+    iw = jax.grad(lambda t: rl.importance_weighted_loss(
+        jax.nn.log_softmax(t)[actions], old, adv, ratio_clip=0.2))(theta)
+    np.testing.assert_allclose(iw, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_kl_estimators_zero_at_reference_and_k3_nonnegative():
+    rng = np.random.default_rng(0)
+    logp = jnp.asarray(np.log(rng.uniform(0.01, 1.0, (3, 5, 2))), jnp.float32)
+    mask = jnp.asarray(rng.uniform(size=(1, 5, 2)) > 0.3)
+    for est in rl.KL_ESTIMATORS:
+        np.testing.assert_allclose(rl.kl_per_sequence(logp, logp, mask, est), 0.0, atol=1e-7)
+    other = jnp.asarray(np.log(rng.uniform(0.01, 1.0, (3, 5, 2))), jnp.float32)
+    for a, b in ((logp, other), (other, logp), (logp, logp + 3.0), (logp, logp - 3.0)):
+        per_token = rl.kl_per_sequence(a, b, jnp.ones((1, 5, 2), bool), "k3")
+        assert (per_token >= 0).all()
+        assert (rl.kl_per_sequence(a, b, mask, "k2") >= 0).all()
+    # Masked positions do not count.
+    k1 = rl.kl_per_sequence(logp, other, mask, "k1")
+    np.testing.assert_allclose(k1, jnp.where(mask, logp - other, 0).sum((1, 2)), rtol=1e-5)
+    # k1 and k3 are unbiased for KL(p || q) when tokens are drawn from p.
+    p, q = jnp.array([0.6, 0.3, 0.1]), jnp.array([0.2, 0.5, 0.3])
+    exact = float(jnp.sum(p * jnp.log(p / q)))
+    draws = jax.random.categorical(jax.random.PRNGKey(0), jnp.log(p), shape=(200_000,))
+    lp, lq = jnp.log(p)[draws][:, None], jnp.log(q)[draws][:, None]
+    for est in ("k1", "k3"):
+        np.testing.assert_allclose(rl.kl_per_sequence(lp, lq, True, est).mean(), exact, rtol=0.03)
+
+
+def test_advantage_baselines():
+    rewards = jnp.array([1.0, 2.0, 3.0, 6.0, 10.0, 10.0, 10.0, 10.0])
+    np.testing.assert_allclose(rl.advantages(rewards, 4, "none"), rewards)
+    np.testing.assert_allclose(rl.advantages(rewards, 4, "batch_mean"), rewards - rewards.mean())
+    rloo = rl.advantages(rewards, 4, "rloo")
+    np.testing.assert_allclose(rloo[:4], [1 - 11 / 3, 2 - 10 / 3, 3 - 3, 6 - 2], rtol=1e-6)
+    np.testing.assert_allclose(rloo[4:], 0.0)
+    with pytest.raises(ConfigError, match="samples_per_caption >= 2"):
+        rl.RLConfig(samples_per_caption=1)
+    with pytest.raises(ConfigError, match="kl_estimator"):
+        rl.RLConfig(kl_estimator="k4")
+    # The beta controller raises beta when KL is above target and lowers it below.
+    assert float(rl.adapt_beta(0.1, 2.0, 1.0, 0.1)) > 0.1 > float(rl.adapt_beta(0.1, 0.5, 1.0, 0.1))
+    assert float(rl.adapt_beta(0.1, 2.0, 0.0, 0.1)) == 0.1
+
+
+def test_rloo_gradient_is_unbiased_and_lower_variance():
+    theta = jnp.array([0.5, -0.3, 0.1])
+    reward_table = jnp.array([1.0, 2.0, 5.0]) + 10.0  # a large offset makes baselines matter
+    probs = jax.nn.softmax(theta)
+    exact = jax.grad(lambda t: jnp.sum(jax.nn.softmax(t) * reward_table))(theta)
+    group = 4
+
+    def estimate(key, baseline, size):
+        actions = jax.random.categorical(key, theta, shape=(size,))
+        adv = rl.advantages(reward_table[actions], size, baseline)
+        return -jax.grad(
+            lambda t: rl.policy_gradient_loss(jax.nn.log_softmax(t)[actions], adv))(theta)
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 20_000)
+    draws = {name: jax.vmap(lambda k, b=b, s=s: estimate(k, b, s))(keys)
+             for name, b, s in (("rloo4", "rloo", group), ("none4", "none", group),
+                                ("none1", "none", 1))}
+    for name, values in draws.items():
+        stderr = values.std(0) / np.sqrt(len(keys))
+        assert np.all(np.abs(values.mean(0) - exact) < 5 * stderr + 1e-3), (
+            name, values.mean(0), exact)
+    variance = {name: float(values.var(0).sum()) for name, values in draws.items()}
+    assert variance["rloo4"] < 0.1 * variance["none4"] < variance["none1"], variance
+    assert probs.sum() == pytest.approx(1.0)
+
+
+# --- the RL step on the tiny LM ------------------------------------------------------------
+
+def toy_reward_fn(params, caption_tokens, audio_codes, audio_mask=None):
+    """Fraction of codebook-0 tokens equal to TARGET_TOKEN (pure, jittable, dummy params)."""
+    del caption_tokens, audio_mask
+    hits = (audio_codes[..., 0] == TARGET_TOKEN).astype(jnp.float32).mean(-1)
+    return params["scale"] * hits, {"target_fraction": hits}
+
+
+RL_CONFIG = rl.RLConfig(samples_per_caption=4, baseline="rloo", kl_mode="reward",
+                        kl_estimator="k1", beta=0.1, num_frames=8)
+REWARD_SCALE = 10.0  # reward = 10 * fraction, so one extra hit is worth 1.25 vs ~3.5 nats of KL
+
+
+def _captions(config, batch=NUM_CAPTIONS, seed=0):
+    rng = np.random.default_rng(seed)
+    captions = np.zeros((batch, config.max_caption_length), np.int32)
+    captions[:, :4] = rng.integers(2, config.caption_vocab_size, (batch, 4))
+    captions[:, 4] = 1
+    return captions
+
+
+def _setup(config, params, mesh, rl_config=RL_CONFIG):
+    tx = optax.adam(5e-3)
+    with partitioning.mesh_context(mesh):
+        state, state_shardings, param_shardings = rl.create_rl_state(config, tx, params, mesh,
+                                                                     rl_config)
+        reference = jax.device_put(params, param_shardings)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        reward_params = jax.device_put({"scale": jnp.asarray(REWARD_SCALE)}, replicated)
+        step = rl.jit_rl_step(rl.make_rl_step(config, tx, toy_reward_fn, rl_config),
+                              state_shardings, param_shardings, mesh)  # donated like train_rl's
+    return dict(state=state, reference=reference, reward_params=reward_params, step=step,
+                mesh=mesh, state_shardings=state_shardings)
+
+
+def _fresh_state(setup):
+    """A copy of the initial state (the jitted step donates its state argument)."""
+    return jax.tree.map(lambda x: x.copy(), setup["state"])
+
+
+def _run(setup, state, captions, rng):
+    mesh = setup["mesh"]
+    with partitioning.mesh_context(mesh):
+        captions = jax.device_put(captions, partitioning.batch_sharding(mesh, 2))
+        return setup["step"](state, setup["reference"], setup["reward_params"], captions, rng)
+
+
+@pytest.fixture(scope="module")
+def one_device(tiny_config, tiny_params):
+    return _setup(tiny_config, tiny_params, partitioning.make_mesh(devices=jax.devices()[:1]))
+
+
+def test_policy_token_stats_match_token_logprobs(tiny_config, tiny_params):
+    captions = jnp.asarray(_captions(tiny_config, 2))
+    codes = jax.random.randint(jax.random.PRNGKey(3), (2, 8, tiny_config.num_codebooks), 0,
+                               tiny_config.codebook_size)
+    token_lp, entropy, mask = rl.policy_token_stats(tiny_config, tiny_params, captions, codes)
+    expected, _ = music_lm.token_logprobs(tiny_config, tiny_params, captions, codes)
+    np.testing.assert_allclose(token_lp, expected, atol=1e-5)
+    assert (entropy[jnp.broadcast_to(mask, entropy.shape)] > 0).all()
+    assert (entropy <= np.log(tiny_config.codebook_size) + 1e-4).all()
+
+
+def _train(setup, state, captions, steps):
+    history = []
+    for i in range(steps):
+        state, metrics = _run(setup, state, captions, jax.random.PRNGKey(100 + i))
+        history.append(rl.metrics_to_host(metrics))
+    return state, history
+
+
+def test_rl_raises_toy_reward_with_bounded_kl(one_device, tiny_config):
+    captions = _captions(tiny_config)
+    start = time.perf_counter()
+    state, history = _train(one_device, _fresh_state(one_device), captions, 30)
+    elapsed = time.perf_counter() - start
+    fraction = [m["reward/target_fraction_mean"] for m in history]
+    kl = [m["kl"] for m in history]
+    print(f"30 RL steps in {elapsed:.1f}s: target fraction {fraction[0]:.3f} -> "
+          f"{np.mean(fraction[-5:]):.3f}, kl {kl[-1]:.2f} nats, "
+          f"entropy {history[-1]['entropy']:.3f}")
+    assert np.mean(fraction[:3]) < 0.2 and np.mean(fraction[-5:]) > 0.8, fraction
+    # The KL stays bounded: near the ~8 * ln(32) = 28 nats that making all 8 codebook-0 tokens
+    # 7 needs (the reference gives 7 about 1/32), not drifting on the unrewarded codebook.
+    assert max(kl) < 60.0 and np.mean(kl[-5:]) < 1.5 * np.mean(kl[-15:-10]) + 1.0, kl
+    for m in history:
+        assert all(np.isfinite(v) for v in m.values()), m
+        assert m["reward_min"] <= m["reward_mean"] <= m["reward_max"]
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # policy starts at the reference
+    assert set(history[0]) >= {"reward/target_fraction_mean", "kl_mean", "entropy", "pg_loss",
+                               "grad_norm", "beta"}
+    assert int(state.step) == 30
+    # A larger beta (carried in the state, so no recompile) keeps the policy closer to pi_ref.
+    strong = _fresh_state(one_device).replace(beta=jnp.asarray(2.0, jnp.float32))
+    _, strong_history = _train(one_device, strong, captions, 15)
+    strong_kl = np.mean([m["kl"] for m in strong_history[-5:]])
+    print(f"beta=2 after 15 steps: kl {strong_kl:.2f} vs {np.mean(kl[10:15]):.2f} at beta=0.1")
+    assert strong_kl < 0.5 * np.mean(kl[10:15]), (strong_kl, kl[10:15])
+
+
+def test_sharded_step_equals_one_device_step(one_device, tiny_config, tiny_params):
+    eight = _setup(tiny_config, tiny_params, partitioning.make_mesh(data=2, fsdp=2, tensor=2))
+    kernel = eight["state"].params["decoder_0"]["mlp"]["wi_gate"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    captions, rng = _captions(tiny_config), jax.random.PRNGKey(5)
+    state_one, metrics_one = _run(one_device, _fresh_state(one_device), captions, rng)
+    state_eight, metrics_eight = _run(eight, eight["state"], captions, rng)
+    metrics_one, metrics_eight = rl.metrics_to_host(metrics_one), rl.metrics_to_host(metrics_eight)
+    assert metrics_one["grad_norm"] > 0
+    for key, value in metrics_one.items():
+        np.testing.assert_allclose(metrics_eight[key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+    assert state_eight.params["decoder_0"]["mlp"]["wi_gate"].sharding.spec == kernel.sharding.spec
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 jax.device_get(state_eight.params), jax.device_get(state_one.params))
+
+
+@pytest.mark.parametrize("options", [
+    dict(kl_mode="loss", kl_estimator="k2", updates_per_batch=2, ratio_clip=0.2),
+    dict(baseline="batch_mean", reward_normalization="batch_whiten", entropy_bonus=0.01,
+         kl_estimator="k3", target_kl=5.0),
+])
+def test_other_options_trace_with_consistent_shapes(tiny_config, tiny_params, options):
+    """Every option combination traces to the same state/metric structure (no compile)."""
+    import dataclasses
+    config = dataclasses.replace(RL_CONFIG, **options)
+    tx = optax.adam(1e-3)
+    step = rl.make_rl_step(tiny_config, tx, toy_reward_fn, config)
+    state = rl.RLState(step=jnp.zeros((), jnp.int32), params=tiny_params,
+                       opt_state=tx.init(tiny_params), beta=jnp.asarray(config.beta))
+    new_state, metrics = jax.eval_shape(step, state, tiny_params, {"scale": jnp.ones(())},
+                                        jnp.asarray(_captions(tiny_config)), jax.random.PRNGKey(0))
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    assert all(m.shape == () for m in metrics.values())
+    if config.updates_per_batch > 1:
+        assert "grad_norm_last" in metrics
+
+
+def test_train_rl_loop_logs_and_resumes(tmp_path, tiny_config, tiny_params, one_device):
+    import json
+
+    from conftest import toy_task
+    source = toy_task().train_source
+    args = dict(lm_config=tiny_config, policy_params=tiny_params, reward_fn=toy_reward_fn,
+                reward_params={"scale": jnp.asarray(REWARD_SCALE)}, caption_source=source,
+                workdir=str(tmp_path / "rl"), rl_config=RL_CONFIG, tx=optax.adam(5e-3),
+                captions_per_step=NUM_CAPTIONS, log_every=1, checkpoint_every=2,
+                mesh=one_device["mesh"])
+    first = rl.train_rl(num_steps=2, **args)
+    assert first["step"] == 2
+    resumed = rl.train_rl(num_steps=3, **args)
+    assert resumed["step"] == 3
+    steps = [json.loads(line)["step"] for line in (tmp_path / "rl" / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3], steps  # the second run resumed at step 2
+    assert np.isfinite(resumed["train"]["reward_mean"])
+    # The caller's params (the reference) are untouched by the donated steps.
+    assert np.isfinite(np.asarray(jax.tree.leaves(tiny_params)[0])).all()
