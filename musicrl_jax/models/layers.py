@@ -107,15 +107,18 @@ class Attention(nn.Module):
             positions = jnp.arange(x.shape[1])
             query, key = rope(query, positions), rope(key, positions)
 
-        scale = self.head_dim ** -0.5
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * scale
-        if mask is not None:
-            logits = jnp.where(mask, logits, _MASKED)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        weights = self._weights(jnp.einsum("bqhd,bkhd->bhqk", query, key), mask)
         attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
         attended = constrain(attended, ("batch", "length", "heads", "kv"))
         out = jnp.einsum("bqhd,hde->bqe", attended, self._out_kernel(x.shape[-1]))
         return constrain(out, ("batch", "length", "embed"))
+
+    def _weights(self, logits, mask):
+        """Scaled, masked softmax over keys, computed in float32."""
+        logits = logits.astype(jnp.float32) * self.head_dim ** -0.5
+        if mask is not None:
+            logits = jnp.where(mask, logits, _MASKED)
+        return jax.nn.softmax(logits, axis=-1).astype(self.dtype)
 
     def _decode(self, x, kv_input, mask, decode_length):
         """One decode step (or the cache-creating first step); x: [batch, 1, embed]."""
@@ -132,11 +135,7 @@ class Attention(nn.Module):
         # q_len == 1, so [b, 1, h, d] -> [b, h, 1, d] only moves a unit axis (a bitcast).
         query = constrain(jnp.swapaxes(query, 1, 2), ("batch", "heads", "length", "kv"))
 
-        scale = self.head_dim ** -0.5
-        logits = jnp.einsum("bhqd,bhkd->bhqk", query, key).astype(jnp.float32) * scale
-        if mask is not None:
-            logits = jnp.where(mask, logits, _MASKED)
-        weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        weights = self._weights(jnp.einsum("bhqd,bhkd->bhqk", query, key), mask)
         attended = jnp.einsum("bhqk,bhkd->bhqd", weights, value)
         attended = constrain(attended, ("batch", "heads", "length", "kv"))
         # [b, h, 1, d] -> [b, 1, h*d] and [h, d, e] -> [h*d, e] are row-major reshapes (bitcasts):
