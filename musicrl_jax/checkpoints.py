@@ -81,6 +81,9 @@ class Checkpointer:
         self.manager.close()
 
 
-def abstract_like(tree, shardings):
+def abstract_like(tree, shardings=None):
+    """A restore template: ShapeDtypeStructs with `shardings` (default: each array's own)."""
+    if shardings is None:
+        shardings = jax.tree.map(lambda x: x.sharding, tree)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         tree, shardings)

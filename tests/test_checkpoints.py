@@ -10,7 +10,7 @@ import pytest
 
 from conftest import toy_task
 from musicrl_jax import partitioning
-from musicrl_jax.checkpoints import Checkpointer
+from musicrl_jax.checkpoints import Checkpointer, abstract_like
 from musicrl_jax.errors import ConfigError
 from musicrl_jax.pipeline import read_metrics
 from musicrl_jax.training import trainer
@@ -68,8 +68,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
     other_mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
     tx, _ = trainer.make_optimizer(total_steps=3)
     template, _ = trainer.create_train_state(task, tx, other_mesh, seed=1)
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), template)
+    abstract = abstract_like(template)
     checkpointer = Checkpointer(str(tmp_path / "run" / "checkpoints"), kind=task.kind)
     restored = checkpointer.restore(abstract)
     assert int(restored.step) == 3

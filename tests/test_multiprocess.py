@@ -4,11 +4,10 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 
 from musicrl_jax import main, partitioning
-from musicrl_jax.checkpoints import Checkpointer
+from musicrl_jax.checkpoints import Checkpointer, abstract_like
 from musicrl_jax.pipeline import read_metrics
 from musicrl_jax.training import trainer
 from musicrl_jax.training.tasks import MusicLMTask
@@ -46,7 +45,6 @@ def test_two_processes_match_one_and_restore_in_one(tmp_path):
     mesh = partitioning.make_mesh()
     tx, _ = trainer.make_optimizer(total_steps=6)
     template, _ = trainer.create_train_state(task, tx, mesh, seed=0)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            template)
+    abstract = abstract_like(template)
     state = Checkpointer(os.path.join(multi, "checkpoints"), kind="music_lm").restore(abstract)
     assert int(state.step) == 6

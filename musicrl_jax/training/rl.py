@@ -56,6 +56,7 @@ from musicrl_jax.checkpoints import Checkpointer, abstract_like
 from musicrl_jax.decoding import SamplingConfig
 from musicrl_jax.errors import ConfigError
 from musicrl_jax.models import music_lm
+from musicrl_jax.training.trainer import check_finite, make_optimizer
 
 BASELINES = ("none", "batch_mean", "rloo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -352,7 +353,6 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
     `caption_source.train_batch(step, n)["caption_tokens"]`), resuming from
     `workdir/checkpoints`. The frozen reference is `policy_params` (the pretrained LM).
     Metrics go to `workdir/metrics.jsonl`. Returns {'step', 'train': last metrics, 'state'}."""
-    from musicrl_jax.training.trainer import check_finite, make_optimizer  # avoid a cycle
     rl_config = rl_config or RLConfig()
     mesh = partitioning.make_mesh() if mesh is None else mesh
     partitioning.check_batch_size(captions_per_step, mesh, "train_rl.captions_per_step")

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from musicrl_jax import partitioning
-from musicrl_jax.checkpoints import Checkpointer
+from musicrl_jax.checkpoints import Checkpointer, abstract_like
 from musicrl_jax.errors import ConfigError
 
 
@@ -205,8 +205,7 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
                                 keep=keep_checkpoints, kind=task.kind)
     start = checkpointer.latest_step()
     if start is not None:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state = checkpointer.restore(abstract, start)
+        state = checkpointer.restore(abstract_like(state), start)
         logging.info("Resumed from step %d in %s", start, workdir)
     start = int(state.step)
 
