@@ -123,19 +123,30 @@ def sample(config: MusicLMConfig, params, caption_tokens, rngs, *, num_frames: i
     does not depend on its batch neighbours). Returns {"codes": [batch, frames, K] int32,
     "sample_logprobs": [batch] log-prob of the codes under the sampling distribution}.
     """
+    return sample_with_runtime_settings(
+        config, params, caption_tokens, rngs, sampling.temperature, sampling.guidance_weight,
+        num_frames=num_frames, top_k=sampling.top_k,
+        guidance=sampling.guidance_weight != 1.0, use_cache=use_cache)
+
+
+def sample_with_runtime_settings(config: MusicLMConfig, params, caption_tokens, rngs,
+                                 temperature, guidance_weight, *, num_frames: int, top_k: int,
+                                 guidance: bool, use_cache: bool = True):
+    """`sample` (call it under jit) with temperature and guidance_weight as values that may be
+    traced, so a serving export can take them at run time. `guidance` (static) decides whether
+    the unconditional half of the batch runs at all; top_k stays static (lax.top_k)."""
     if num_frames > config.max_frames:
         raise ValueError(f"num_frames={num_frames} exceeds MusicLMConfig.max_frames="
                          f"{config.max_frames}; raise max_frames or sample fewer frames.")
-    guidance = sampling.guidance_weight != 1.0
     captions = _with_unconditional(caption_tokens, guidance)
     num_steps = num_frames + config.num_codebooks - 1
     valid = delay_mask(num_frames, config.num_codebooks)
     batch = caption_tokens.shape[0]
 
     def choose_next(step, logits):
-        logits = _guide(logits, sampling.guidance_weight, guidance) / sampling.temperature
-        if sampling.top_k:
-            kth = jax.lax.top_k(logits, sampling.top_k)[0][..., -1:]
+        logits = _guide(logits, guidance_weight, guidance) / temperature
+        if top_k:
+            kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
             logits = jnp.where(logits < kth, -jnp.inf, logits)
         keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rngs, step)
         log_probs = jax.nn.log_softmax(logits)  # [batch, K, vocab]

@@ -26,7 +26,11 @@ DEFAULT_SEARCH_PATHS = (os.path.join(PACKAGE_ROOT, "gin_configs"), ".", PACKAGE_
 
 def maybe_initialize_distributed():
     """Multi-host: JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID, or a TPU pod's
-    auto-detected cluster, start jax.distributed before anything touches the devices."""
+    auto-detected cluster, start jax.distributed before anything touches the devices.
+
+    A GKE TPU slice announces itself with TPU_WORKER_HOSTNAMES; a Cloud TPU VM slice only through
+    its metadata server, so launch/tpu_run.sh sets MUSICRL_DISTRIBUTED=auto to ask for
+    argument-less auto-detection there."""
     import jax
     if int(os.environ.get("JAX_NUM_PROCESSES", "1")) > 1:
         if os.environ.get("JAX_PLATFORMS", "") == "cpu":
@@ -34,7 +38,8 @@ def maybe_initialize_distributed():
         jax.distributed.initialize(os.environ["JAX_COORDINATOR_ADDRESS"],
                                    int(os.environ["JAX_NUM_PROCESSES"]),
                                    int(os.environ["JAX_PROCESS_ID"]))
-    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1:
+    elif (os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1
+          or os.environ.get("MUSICRL_DISTRIBUTED") == "auto"):
         jax.distributed.initialize()
 
 
