@@ -1,0 +1,272 @@
+"""Listening sessions from the command line (see musicrl_jax/listening/README.md).
+
+  python -m musicrl_jax.listening make-batch --out BATCH --captions captions.txt \\
+      --model-a base --wavs-a base_wavs/ --model-b rl --wavs-b rl_wavs/ \\
+      --tokenizer ASSETS/tokenizer --caption-vocab ASSETS/vocab
+  python -m musicrl_jax.listening invite --db votes.db --name alice --base-url http://host:8000
+  python -m musicrl_jax.listening serve --batch BATCH --db votes.db --port 8000
+  python -m musicrl_jax.listening summary --db votes.db
+  python -m musicrl_jax.listening export --db votes.db --out feedback/
+
+User errors (missing files, bad fields) print one line naming the file or field and the fix,
+and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import secrets
+import shutil
+import sys
+
+import numpy as np
+
+from musicrl_jax.errors import ConfigError
+
+ADMIN_TOKEN_ENV = "MUSICRL_LISTENING_ADMIN_TOKEN"
+
+
+# --- make-batch ------------------------------------------------------------------------------
+
+def _sorted_wavs(directory: str, flag: str) -> list[str]:
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{flag} {directory}: no such directory.")
+    paths = sorted(glob.glob(os.path.join(directory, "*.wav")))
+    if not paths:
+        raise ConfigError(f"{flag} {directory}: holds no *.wav files.")
+    return paths
+
+
+def _read_codes(path: str, flag: str) -> list[np.ndarray]:
+    """An .npz with `codes` [n, frames, K] (and optionally `mask` [n, frames], 1 = real frame),
+    as `decoding.sample` results are saved; returns one [frames, K] array per clip."""
+    if not os.path.exists(path):
+        raise ConfigError(f"{flag} {path}: no such file.")
+    with np.load(path, allow_pickle=False) as data:
+        if "codes" not in data.files:
+            raise ConfigError(f"{flag} {path}: no 'codes' array (found {data.files}). Fix: save "
+                              "the sampled codes as np.savez(path, codes=codes).")
+        codes, mask = data["codes"], data["mask"] if "mask" in data.files else None
+    if codes.ndim != 3:
+        raise ConfigError(f"{flag} {path}: 'codes' has shape {codes.shape}; expected "
+                          "[clips, frames, K].")
+    if mask is not None and mask.shape != codes.shape[:2]:
+        raise ConfigError(f"{flag} {path}: 'mask' has shape {mask.shape}; expected "
+                          f"{codes.shape[:2]} (clips, frames).")
+    return [c if mask is None else c[mask[i] > 0] for i, c in enumerate(codes)]
+
+
+def _copy_writer(source: str):
+    return lambda path: shutil.copyfile(source, path)
+
+
+def _decode_writer(tokenizer, codes: np.ndarray):
+    def write(path: str):
+        from musicrl_jax.audio.listen import codes_to_wavs
+        stem = os.path.splitext(os.path.basename(path))[0]
+        written = codes_to_wavs(tokenizer, codes, os.path.dirname(path), prefix=stem)[0]
+        os.replace(written, path)
+    return write
+
+
+def _encode_wavs(tokenizer, paths: list[str]) -> list[np.ndarray]:
+    import soundfile as sf
+    codes = []
+    for path in paths:
+        try:
+            audio, rate = sf.read(path, dtype="float32", always_2d=False)
+        except RuntimeError as err:
+            raise ConfigError(f"{path}: not a readable WAV ({err}).") from err
+        codes.append(tokenizer.encode(audio if audio.ndim == 1 else audio.mean(1),
+                                      sample_rate=rate))
+    return codes
+
+
+def make_batch_command(args) -> None:
+    from musicrl_jax.listening import batch as batch_lib
+    captions, tokens = batch_lib.read_captions(args.captions)
+    if any(t is None for t in tokens):
+        if not args.caption_vocab:
+            raise ConfigError(f"--captions {args.captions}: captions without caption_tokens need "
+                              "--caption-vocab DIR (the directory holding captions.model), or "
+                              "give tokens in a JSONL captions file.")
+        from musicrl_jax.data.vocab import load_caption_vocabulary
+        vocabulary = load_caption_vocabulary(args.caption_vocab)
+        tokens = [t if t is not None else list(vocabulary.encode(c)) + [1]  # EOS = 1
+                  for c, t in zip(captions, tokens)]
+    tokenizer = None
+    if args.tokenizer:
+        from musicrl_jax.audio.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(args.tokenizer)
+    codes, writers = [], []
+    for side in ("a", "b"):
+        wav_dir, codes_file = getattr(args, f"wavs_{side}"), getattr(args, f"codes_{side}")
+        wavs = _sorted_wavs(wav_dir, f"--wavs-{side}") if wav_dir else None
+        side_codes = _read_codes(codes_file, f"--codes-{side}") if codes_file else None
+        if wavs is None and side_codes is None:
+            raise ConfigError(f"make-batch: model {side.upper()} needs --wavs-{side} DIR and/or "
+                              f"--codes-{side} FILE.npz.")
+        if (wavs is None or side_codes is None) and tokenizer is None:
+            raise ConfigError(f"make-batch: model {side.upper()} has "
+                              f"{'no WAVs' if wavs is None else 'no codes'}; give --tokenizer "
+                              "DIR to " + ("decode its codes to audio." if wavs is None else
+                                           "encode its WAVs to codes (the exported records "
+                                           "need them)."))
+        if side_codes is None:
+            side_codes = _encode_wavs(tokenizer, wavs)
+        if wavs is not None and len(wavs) != len(side_codes):
+            raise ConfigError(f"make-batch: --wavs-{side} holds {len(wavs)} WAVs but "
+                              f"--codes-{side} holds {len(side_codes)} clips.")
+        writers.append([_copy_writer(w) for w in wavs] if wavs is not None
+                       else [_decode_writer(tokenizer, c) for c in side_codes])
+        codes.append(side_codes)
+    batch_id = args.batch_id or os.path.basename(os.path.abspath(args.out))
+    batch = batch_lib.make_batch(args.out, batch_id, captions, tokens,
+                                 (args.model_a, args.model_b), tuple(codes), tuple(writers))
+    print(f"wrote batch {batch.batch_id!r}: {len(batch.pairs)} pairs in {batch.directory}")
+
+
+# --- the other commands ------------------------------------------------------------------------
+
+def invite_command(args) -> None:
+    from musicrl_jax.listening.store import Store
+    store = Store(args.db)
+    try:
+        if args.revoke:
+            store.revoke(args.revoke)
+            print(f"revoked {args.revoke}")
+            return
+        names = args.name or [None] * args.count
+        for name in names:
+            listener_id, token = store.invite(name)
+            link = f"{args.base_url.rstrip('/')}/login?token={token}" if args.base_url else token
+            print(f"{listener_id}\t{link}")
+    finally:
+        store.close()
+
+
+def serve_command(args) -> None:
+    import uvicorn
+
+    from musicrl_jax.listening.batch import load_batch
+    from musicrl_jax.listening.server import ServerSettings, create_app
+    from musicrl_jax.listening.store import Store
+    batch = load_batch(args.batch)
+    admin_token = os.environ.get(ADMIN_TOKEN_ENV)
+    if not admin_token:
+        admin_token = secrets.token_urlsafe(24)
+        print(f"admin token (set {ADMIN_TOKEN_ENV} to choose one): {admin_token}",
+              file=sys.stderr)
+    settings = ServerSettings(admin_token=admin_token, rate_per_second=args.rate_per_second,
+                              rate_burst=args.rate_burst, secure_cookies=args.secure_cookies)
+    app = create_app(batch, Store(args.db), settings)
+    print(f"serving batch {batch.batch_id!r} ({len(batch.pairs)} pairs) on "
+          f"http://{args.host}:{args.port}/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                proxy_headers=args.proxy_headers)
+
+
+def summary_command(args) -> dict:
+    from musicrl_jax.listening.store import Store
+    from musicrl_jax.listening.summary import format_summary, summarize
+    if not os.path.exists(args.db):
+        raise ConfigError(f"--db {args.db}: no such database.")
+    store = Store(args.db)
+    try:
+        result = summarize(store.votes())
+    finally:
+        store.close()
+    print(json.dumps(result, indent=1) if args.json else format_summary(result))
+    return result
+
+
+def export_command(args) -> dict:
+    from musicrl_jax.listening.export import export_votes
+    from musicrl_jax.listening.summary import format_summary
+    result = export_votes(args.db, args.out, args.batch)
+    print(format_summary(result))
+    print(f"wrote {result['preference_records']} preference records to "
+          f"{result['preferences_path']}")
+    if result["ratings_path"]:
+        print(f"wrote {result['rating_records']} rating records to {result['ratings_path']}")
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m musicrl_jax.listening",
+                                     description="Collect pairwise preferences and 1-5 ratings "
+                                     "from listeners on a web page.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    make = commands.add_parser("make-batch", help="build a batch directory of pairs")
+    make.add_argument("--out", required=True, help="new batch directory")
+    make.add_argument("--captions", required=True, help="one caption per line (.txt) or JSONL "
+                      "with 'caption' and optional 'caption_tokens'; line i goes with clip i")
+    make.add_argument("--model-a", required=True, help="id of the first model")
+    make.add_argument("--model-b", required=True, help="id of the second model")
+    for side in ("a", "b"):
+        make.add_argument(f"--wavs-{side}", help=f"directory of model {side.upper()}'s WAVs, "
+                          "paired with the captions in sorted file-name order")
+        make.add_argument(f"--codes-{side}", help=f"model {side.upper()}'s codes: .npz with "
+                          "'codes' [clips, frames, K] (optional 'mask' [clips, frames])")
+    make.add_argument("--tokenizer", help="saved audio tokenizer: encodes WAVs given without "
+                      "codes, decodes codes given without WAVs")
+    make.add_argument("--caption-vocab", help="directory with captions.model, to tokenize "
+                      "captions given as text")
+    make.add_argument("--batch-id", help="default: the --out directory's name")
+    make.set_defaults(run=make_batch_command)
+
+    invite = commands.add_parser("invite", help="create listeners and print their tokens")
+    invite.add_argument("--db", required=True)
+    invite.add_argument("--name", action="append", help="listener id (repeatable)")
+    invite.add_argument("--count", type=int, default=1, help="random ids when --name is absent")
+    invite.add_argument("--base-url", help="print invite links on this server address")
+    invite.add_argument("--revoke", metavar="LISTENER", help="revoke a listener's token")
+    invite.set_defaults(run=invite_command)
+
+    serve = commands.add_parser("serve", help="run the listening web page")
+    serve.add_argument("--batch", required=True)
+    serve.add_argument("--db", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--rate-per-second", type=float, default=5.0,
+                       help="requests a second per listener (token bucket refill; <= 0: off)")
+    serve.add_argument("--rate-burst", type=int, default=60, help="token bucket size")
+    serve.add_argument("--secure-cookies", action="store_true", help="when served over HTTPS")
+    serve.add_argument("--proxy-headers", action="store_true",
+                       help="trust X-Forwarded-* from a local reverse proxy")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(run=serve_command)
+
+    summary = commands.add_parser("summary", help="votes per listener, agreement, win rates")
+    summary.add_argument("--db", required=True)
+    summary.add_argument("--json", action="store_true")
+    summary.set_defaults(run=summary_command)
+
+    export = commands.add_parser("export", help="write musicrl_preferences / musicrl_ratings "
+                                 "shards")
+    export.add_argument("--db", required=True)
+    export.add_argument("--out", required=True, help="writes OUT/preferences and OUT/ratings")
+    export.add_argument("--batch", action="append", help="batch directory (repeatable; "
+                        "default: the batches the server recorded in the database)")
+    export.set_defaults(run=export_command)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s "
+                        "%(message)s")
+    try:
+        return args.run(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

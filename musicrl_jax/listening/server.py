@@ -1,0 +1,395 @@
+"""The listening web app (FastAPI): a caption, two clips, A / B / no preference, optional 1-5
+ratings, next pair.
+
+Access: an invite link `/login?token=...` (tokens from `python -m musicrl_jax.listening invite`)
+starts a session: an HttpOnly, SameSite=Strict cookie holding a random session id, plus a
+per-session CSRF token that every POST must echo (hidden form field `csrf_token`, or the
+`X-CSRF-Token` header for the JSON API). A POST whose Origin header names another host is
+refused as well. `/admin` needs the admin token (`Authorization: Bearer <token>`, or HTTP
+Basic with the token as password) and nothing else does.
+
+Routes: GET / (the page), POST /vote (its form), GET /api/next and POST /api/vote (the same as
+JSON, for scripts and the load test), GET /audio/{clip_id} (a clip of a pair issued to the
+listener; the id is looked up in the batch manifest, so no client string reaches the
+filesystem), GET /login, GET /admin, GET /healthz.
+
+Refusals are JSON {"error": message} with a 4xx status: 401 no/unknown session or token,
+403 bad CSRF / foreign Origin / pair or clip not issued to this listener, 404 unknown pair or
+clip, 409 repeated vote, 400/422 malformed input, 429 rate limit (token bucket per listener;
+per client address for failed logins). Every refusal that smells of probing (bad tokens, bad
+CSRF, pairs not issued, path traversal, malformed ids) goes to the `security_events` table and
+the `musicrl_jax.listening.security` logger.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import json
+import secrets
+import threading
+import time
+import urllib.parse
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from musicrl_jax.listening.batch import ID_PATTERN, Batch
+from musicrl_jax.listening.store import CHOICES, DuplicateVote, Store, assignment_order
+from musicrl_jax.listening.summary import format_summary, summarize
+
+SESSION_COOKIE = "listening_session"
+CSRF_HEADER = "x-csrf-token"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """admin_token: guards /admin. rate_per_second / rate_burst: each listener's token bucket
+    (refill rate and size; rate_per_second <= 0 turns the limit off). secure_cookies: mark
+    cookies Secure (set it when serving over HTTPS, e.g. behind a TLS proxy)."""
+    admin_token: str
+    rate_per_second: float = 5.0
+    rate_burst: int = 60
+    session_max_age_s: float = 30 * 24 * 3600.0
+    secure_cookies: bool = False
+
+
+class TokenBucket:
+    """Per-key token buckets: `rate` tokens a second up to `burst`; a request takes one."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, max(1, int(burst))
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> float:
+        """0.0 if allowed, else the seconds until a token is free."""
+        if self.rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+
+
+class Refused(Exception):
+    """A refused request: status, message, and the security-event kind if it is to be logged."""
+
+    def __init__(self, status: int, message: str, event: str | None = None,
+                 listener_id: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.event = status, message, event
+        self.listener_id, self.headers = listener_id, headers or {}
+
+
+_SECURITY_HEADERS = [
+    (b"content-security-policy", b"default-src 'none'; media-src 'self'; style-src "
+     b"'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+]
+
+
+def _client(scope_or_request) -> str:
+    client = scope_or_request.get("client") if isinstance(scope_or_request, dict) else (
+        scope_or_request.client)
+    return client[0] if client else "unknown"
+
+
+class _PathGuard:
+    """ASGI middleware: refuses any path with a '..' segment, a backslash or a NUL (after
+    percent-decoding, so '..%2F' is caught) before routing, logs it, and adds security headers
+    to every response."""
+
+    def __init__(self, app, store: Store):
+        self.app, self.store = app, store
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        decoded = urllib.parse.unquote(path)  # catches double-encoded dots as well
+        if any(s == ".." for s in decoded.replace("\\", "/").split("/")) or (
+                "\\" in path or "\x00" in decoded):
+            await run_in_threadpool(self.store.security_event, "path_traversal",
+                                    _client(scope), path)
+            response = JSONResponse({"error": "path refused"}, status_code=400)
+            return await response(scope, receive, self._with_headers(send))
+        return await self.app(scope, receive, self._with_headers(send))
+
+    @staticmethod
+    def _with_headers(send):
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + _SECURITY_HEADERS
+            await send(message)
+        return send_with_headers
+
+
+def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
+    app = FastAPI(title="musicrl_jax listening", docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    listener_buckets = TokenBucket(settings.rate_per_second, settings.rate_burst)
+    # Failed logins share a stricter bucket per client address: guessing tokens stays slow.
+    failure_buckets = TokenBucket(max(settings.rate_per_second, 0.0) / 5, 10)
+    pair_ids = [p.pair_id for p in batch.pairs]
+    store.register_batch(batch.batch_id, batch.directory)
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused):
+        if exc.event:
+            await run_in_threadpool(store.security_event, exc.event, _client(request),
+                                    request.url.path, exc.listener_id, exc.message)
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        return JSONResponse({"error": "malformed request", "detail": jsonable_errors(exc)},
+                            status_code=422)
+
+    def refuse_unauthenticated(request: Request, message: str, event: str | None):
+        if failure_buckets.take(f"ip:{_client(request)}") > 0:
+            raise Refused(429, "too many failed attempts; wait a minute", "rate_limited_login",
+                          headers={"Retry-After": "60"})
+        raise Refused(401, message, event)
+
+    def listener(request: Request) -> tuple[str, str]:
+        """(listener_id, csrf_token) of the request's session, after the rate limit."""
+        session_id = request.cookies.get(SESSION_COOKIE)
+        if not session_id:
+            refuse_unauthenticated(request, "no session: open your invite link "
+                                   "(/login?token=...)", None)
+        session = store.session(session_id, settings.session_max_age_s)
+        if session is None:
+            refuse_unauthenticated(request, "unknown or expired session: open your invite "
+                                   "link again", "bad_session")
+        wait = listener_buckets.take(session[0])
+        if wait > 0:
+            raise Refused(429, f"rate limit: retry in {wait:.1f} s", "rate_limited", session[0],
+                          headers={"Retry-After": str(max(1, round(wait)))})
+        return session
+
+    def check_csrf(request: Request, listener_id: str, expected: str, supplied) -> None:
+        origin = request.headers.get("origin")
+        if origin and urllib.parse.urlsplit(origin).netloc != request.headers.get("host"):
+            raise Refused(403, "cross-site request refused", "foreign_origin", listener_id,
+                          f"origin {origin}")
+        if not isinstance(supplied, str) or not secrets.compare_digest(supplied, expected):
+            raise Refused(403, "missing or wrong CSRF token: reload the page", "bad_csrf",
+                          listener_id)
+
+    def next_pair(listener_id: str):
+        """The first pair in the listener's order without their vote, issued; None when done."""
+        voted = store.voted_pairs(listener_id)
+        for pair_id in assignment_order(pair_ids, batch.batch_id, listener_id):
+            if pair_id not in voted:
+                pair = batch.pair(pair_id)
+                issued = store.issue(listener_id, batch.batch_id, pair_id,
+                                     tuple((c.clip_id, c.model_id) for c in pair.clips))
+                return pair, issued, len(voted)
+        return None, None, len(voted)
+
+    def submit(request: Request, listener_id: str, fields: dict) -> dict:
+        pair_id, choice = fields.get("pair_id"), fields.get("choice")
+        if not isinstance(pair_id, str) or not ID_PATTERN.match(pair_id):
+            raise Refused(422, "field 'pair_id' must be a pair id string", "malformed_pair_id",
+                          listener_id, repr(pair_id)[:100])
+        if choice not in CHOICES:
+            raise Refused(422, f"field 'choice' must be one of {list(CHOICES)}")
+        ratings = {}
+        for side in ("a", "b"):
+            value = fields.get(f"rating_{side}")
+            if value in (None, ""):
+                ratings[side] = None
+                continue
+            if isinstance(value, str) and value.isdigit():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5:
+                raise Refused(422, f"field 'rating_{side}' must be an integer 1-5 or empty")
+            ratings[side] = value
+        if batch.pair(pair_id) is None:
+            raise Refused(404, f"unknown pair {pair_id!r}", "unknown_pair", listener_id)
+        issued = store.issued(listener_id, pair_id)
+        if issued is None:
+            raise Refused(403, f"pair {pair_id!r} was not issued to you", "pair_not_issued",
+                          listener_id)
+        try:
+            vote_id = store.record_vote(issued, choice, ratings["a"], ratings["b"])
+        except DuplicateVote:
+            raise Refused(409, f"you already voted on pair {pair_id!r}")
+        return {"vote_id": vote_id, "pair_id": pair_id, "choice": choice}
+
+    def set_session_cookie(response: Response, request: Request, session_id: str):
+        response.set_cookie(SESSION_COOKIE, session_id, max_age=int(settings.session_max_age_s),
+                            httponly=True, samesite="strict", path="/",
+                            secure=settings.secure_cookies or request.url.scheme == "https")
+
+    @app.get("/healthz")
+    def healthz():
+        return {"ok": True, "batch_id": batch.batch_id, "pairs": len(pair_ids)}
+
+    @app.get("/login")
+    def login(request: Request, token: str | None = None):
+        if token is None:
+            return HTMLResponse(_page("Log in", _LOGIN_FORM))
+        listener_id = store.listener_for_token(token)
+        if listener_id is None:
+            refuse_unauthenticated(request, "unknown or revoked invite token", "bad_invite_token")
+        session_id, _ = store.create_session(listener_id)
+        # Redirect so the token leaves the address bar and history.
+        response = RedirectResponse("/", status_code=303)
+        set_session_cookie(response, request, session_id)
+        return response
+
+    @app.get("/")
+    def page(request: Request):
+        listener_id, csrf_token = listener(request)
+        pair, issued, done = next_pair(listener_id)
+        if pair is None:
+            return HTMLResponse(_page("Thank you", f"<h1>Thank you!</h1><p>You judged all "
+                                      f"{done} pairs of this batch.</p>"))
+        return HTMLResponse(_pair_page(pair, issued, csrf_token, done, len(pair_ids)),
+                            headers={"Cache-Control": "no-store"})
+
+    # Bodies are read on the event loop; the SQLite work runs in the thread pool, like the
+    # plain `def` routes, so a busy database never stalls the loop.
+    @app.post("/vote")
+    async def vote_form(request: Request):
+        try:
+            form = dict(await request.form())
+        except Exception as err:  # multipart parser errors carry no common base class
+            raise Refused(400, f"unreadable form body: {err}")
+
+        def handle():
+            listener_id, csrf_token = listener(request)
+            check_csrf(request, listener_id, csrf_token, form.get("csrf_token"))
+            submit(request, listener_id, form)
+            return RedirectResponse("/", status_code=303)
+        return await run_in_threadpool(handle)
+
+    @app.get("/api/next")
+    def api_next(request: Request):
+        listener_id, csrf_token = listener(request)
+        pair, issued, done = next_pair(listener_id)
+        body = {"done": pair is None, "judged": done, "total": len(pair_ids),
+                "csrf_token": csrf_token}
+        if pair is not None:
+            body.update(pair_id=pair.pair_id, caption=pair.caption,
+                        audio_a=f"/audio/{issued['clip_a']}", audio_b=f"/audio/{issued['clip_b']}")
+        return body
+
+    @app.post("/api/vote", status_code=201)
+    async def api_vote(request: Request):
+        body = await request.body()
+
+        def handle():
+            listener_id, csrf_token = listener(request)
+            check_csrf(request, listener_id, csrf_token, request.headers.get(CSRF_HEADER))
+            try:
+                fields = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise Refused(400, f"body is not valid JSON: {err}")
+            if not isinstance(fields, dict):
+                raise Refused(422, "body must be a JSON object with pair_id, choice, "
+                              "rating_a, rating_b")
+            return submit(request, listener_id, fields)
+        return await run_in_threadpool(handle)
+
+    @app.get("/audio/{clip_id:path}")
+    def audio(request: Request, clip_id: str):
+        listener_id, _ = listener(request)
+        if not ID_PATTERN.match(clip_id):
+            raise Refused(400, "malformed clip id", "malformed_clip_id", listener_id,
+                          repr(clip_id)[:200])
+        path = batch.clip_path(clip_id)
+        if path is None:
+            raise Refused(404, "unknown clip", "unknown_clip", listener_id, clip_id)
+        if not store.clip_issued_to(listener_id, clip_id):
+            raise Refused(403, "clip not issued to you", "clip_not_issued", listener_id, clip_id)
+        return FileResponse(path, media_type="audio/wav")
+
+    @app.get("/admin")
+    def admin(request: Request, format: str = "html"):
+        supplied = _admin_credential(request.headers.get("authorization", ""))
+        if supplied is None or not secrets.compare_digest(supplied, settings.admin_token):
+            if failure_buckets.take(f"ip:{_client(request)}") > 0:
+                raise Refused(429, "too many failed attempts", "rate_limited_admin",
+                              headers={"Retry-After": "60"})
+            raise Refused(401, "admin token required (Authorization: Bearer <token>)",
+                          "bad_admin_token" if supplied is not None else None,
+                          headers={"WWW-Authenticate": 'Basic realm="listening admin"'})
+        summary = summarize(store.votes())
+        summary["security_events"] = len(store.security_events())
+        if format == "json":
+            return summary
+        text = format_summary(summary) + f"\nsecurity events: {summary['security_events']}"
+        return HTMLResponse(_page("Admin", f"<h1>Votes</h1><pre>{html.escape(text)}</pre>"),
+                            headers={"Cache-Control": "no-store"})
+
+    return app
+
+
+def jsonable_errors(exc: RequestValidationError) -> list:
+    return [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()]
+
+
+def _admin_credential(header: str) -> str | None:
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value:
+        return value.strip()
+    if scheme.lower() == "basic" and value:
+        try:
+            return base64.b64decode(value.strip()).decode().partition(":")[2]
+        except (ValueError, UnicodeDecodeError):
+            return ""
+    return None
+
+
+_STYLE = """body{font-family:sans-serif;max-width:46rem;margin:2rem auto;padding:0 1rem}
+.clips{display:flex;gap:2rem;flex-wrap:wrap}.clip{flex:1;min-width:16rem}
+button{font-size:1.1rem;padding:.5rem 1.2rem;margin-right:.5rem}fieldset{border:0;padding:0}
+.caption{font-size:1.2rem;background:#f3f3f3;padding:.8rem}"""
+
+_LOGIN_FORM = """<h1>Listening test</h1><p>Paste the invite token you were given.</p>
+<form method="get" action="/login"><input name="token" size="40" autocomplete="off">
+<button type="submit">Start</button></form>"""
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>"
+            f"{html.escape(title)}</title><meta name=viewport content='width=device-width'>"
+            f"<style>{_STYLE}</style></head><body>{body}</body></html>")
+
+
+def _rating_inputs(side: str) -> str:
+    options = "".join(f"<label><input type=radio name=rating_{side} value={v} "
+                      f"id=rating_{side}_{v}>{v}</label> " for v in range(1, 6))
+    return f"<fieldset><legend>Rate clip {side.upper()} (optional)</legend>{options}</fieldset>"
+
+
+def _pair_page(pair, issued, csrf_token: str, done: int, total: int) -> str:
+    clips = "".join(
+        f"<div class=clip><h2>Clip {side.upper()}</h2><audio controls preload=none "
+        f"src='/audio/{html.escape(issued[f'clip_{side}'])}'></audio>{_rating_inputs(side)}</div>"
+        for side in ("a", "b"))
+    body = (f"<p>Pair {done + 1} of {total}</p><p>Caption:</p>"
+            f"<p class=caption id=caption>{html.escape(pair.caption)}</p>"
+            f"<form method=post action='/vote' id=vote-form>"
+            f"<input type=hidden name=pair_id id=pair_id value='{html.escape(pair.pair_id)}'>"
+            f"<input type=hidden name=csrf_token value='{html.escape(csrf_token)}'>"
+            f"<div class=clips>{clips}</div><p>Which clip fits the caption better and sounds "
+            f"better?</p><button type=submit name=choice value=a id=choose-a>A</button>"
+            f"<button type=submit name=choice value=b id=choose-b>B</button>"
+            f"<button type=submit name=choice value=none id=choose-none>No preference</button>"
+            f"</form>")
+    return _page("Listening test", body)
