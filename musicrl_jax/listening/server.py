@@ -84,10 +84,10 @@ class Refused(Exception):
     """A refused request: status, message, and the security-event kind if it is to be logged."""
 
     def __init__(self, status: int, message: str, event: str | None = None,
-                 listener_id: str | None = None, headers: dict | None = None):
+                 listener_id: str | None = None, detail: str = "", headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.event = status, message, event
-        self.listener_id, self.headers = listener_id, headers or {}
+        self.listener_id, self.detail, self.headers = listener_id, detail, headers or {}
 
 
 _SECURITY_HEADERS = [
@@ -95,7 +95,8 @@ _SECURITY_HEADERS = [
      b"'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"),
     (b"x-content-type-options", b"nosniff"),
     (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
+    # same-origin, not no-referrer: under no-referrer Chrome sends "Origin: null" on form posts.
+    (b"referrer-policy", b"same-origin"),
 ]
 
 
@@ -139,6 +140,7 @@ class _PathGuard:
 def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="musicrl_jax listening", docs_url=None, redoc_url=None,
                   openapi_url=None)
+    app.add_middleware(_PathGuard, store=store)
     listener_buckets = TokenBucket(settings.rate_per_second, settings.rate_burst)
     # Failed logins share a stricter bucket per client address: guessing tokens stays slow.
     failure_buckets = TokenBucket(max(settings.rate_per_second, 0.0) / 5, 10)
@@ -149,7 +151,8 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
     async def refused(request: Request, exc: Refused):
         if exc.event:
             await run_in_threadpool(store.security_event, exc.event, _client(request),
-                                    request.url.path, exc.listener_id, exc.message)
+                                    request.url.path, exc.listener_id,
+                                    f"{exc.message} {exc.detail}".strip())
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
