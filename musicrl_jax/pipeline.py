@@ -20,19 +20,7 @@ import numpy as np
 from musicrl_jax import decoding, partitioning
 from musicrl_jax.errors import ConfigError
 from musicrl_jax.training import trainer
-
-
-def read_metrics(workdir: str) -> list[dict]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def eval_history(workdir: str) -> dict[int, dict]:
-    """{step: eval metrics}; later lines win (a resumed run rewrites the steps it redid)."""
-    return {row["step"]: row["eval"] for row in read_metrics(workdir) if "eval" in row}
+from musicrl_jax.training.trainer import eval_history
 
 
 def _music_prompts(assets_dir: str, count: int, caption_length: int, vocab_limit: int):
@@ -113,6 +101,50 @@ def feedback_stages(run_dir: str, assets_dir: str, lm_config, lm_params, quality
     return results
 
 
+def rl_stages(run_dir: str, assets_dir: str, lm_config, reward_tasks: dict,
+              experiments: dict[str, dict]) -> dict:
+    """MusicRL fine-tuning runs, in order: {name: {"rewards": {reward: weight}, "init": stage}}
+    where a reward 'text' is the stage `text_reward` trained above and "init" (default
+    'pretrain') names the stage whose policy it starts from (MusicRL-RU: 'musicrl_r'). The KL
+    anchor is always the pretrained LM. Each is `rl_finetune` with the demo's gin settings."""
+    from musicrl_jax import rewards as rewards_lib
+    from musicrl_jax.data import tasks
+    from musicrl_jax.training.rl_finetune import rl_finetune
+    pretrain_dir = os.path.join(run_dir, "pretrain")
+    results = {}
+    for name, spec in experiments.items():
+        weights = dict(spec["rewards"])
+        missing = [r for r in weights if f"{r}_reward" not in reward_tasks]
+        init = spec.get("init", "pretrain")
+        if missing or (init != "pretrain" and init not in results):
+            raise ConfigError(f"demo.rl_experiments[{name!r}] needs the reward stages "
+                              f"{[f'{r}_reward' for r in missing]} and the init stage {init!r} "
+                              "to run before it. Fix: enable those stages or reorder.")
+
+        def combination(weights=weights, name=name):
+            models = {r: rewards_lib.load_reward_model(
+                task=reward_tasks[f"{r}_reward"], checkpoint_dir=os.path.join(run_dir, f"{r}_reward"))
+                for r in weights}
+            return rewards_lib.RewardCombination(
+                rewards=models, weights=weights,
+                stats_path=os.path.join(run_dir, name, "reward_stats.json"),
+                reference_source=tasks.seqio_source(split="validation"))
+
+        print(f"== RL fine-tuning: {name} (rewards {weights}, from {init}) ==", flush=True)
+        results[name] = rl_finetune(
+            lm_config=lm_config, init_checkpoint=os.path.join(run_dir, init),
+            reference_checkpoint=pretrain_dir, rewards=combination,
+            caption_source=lambda: tasks.prompt_source(split="train"),
+            eval_source=lambda: tasks.prompt_source(split="validation"),
+            workdir=os.path.join(run_dir, name),
+            tokenizer_dir=os.path.join(assets_dir, "tokenizer"))
+    return results
+
+
+RL_DISPLAY_NAMES = {"musicrl_r": "MusicRL-R", "musicrl_u": "MusicRL-U",
+                    "musicrl_ru": "MusicRL-RU"}
+
+
 @gin.configurable
 def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
          text_reward_task: Callable | None = None, quality_reward_task: Callable | None = None,
@@ -121,6 +153,7 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
          num_raters: int = 40, num_ratings: int = 256, num_preference_pairs: int = 256,
          collect_batch_size: int = 32, num_eval_captions: int = 32,
          num_sample_captions: int = 8, sample_frames: int | None = None,
+         rl_experiments: dict[str, dict] | None = None,
          sampling=decoding.SamplingConfig(), seed: int = 0):
     """Runs the recipe's stages in order. Tasks are factories, called after the data stage so
     that their sources read the freshly built data."""
@@ -152,6 +185,13 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
             preference_reward_task, num_raters=num_raters, num_ratings=num_ratings,
             num_preference_pairs=num_preference_pairs, batch_size=collect_batch_size, seed=seed)
 
+    rl_results = {}
+    if assets and rl_experiments:
+        stages = {"text_reward": text_reward, **feedback_results}
+        reward_tasks = {name: stages[name]["task"] for name in
+                        ("text_reward", "quality_reward", "preference_reward") if stages.get(name)}
+        rl_results = rl_stages(run_dir, assets, config, reward_tasks, rl_experiments)
+
     print("== sample held-out captions ==", flush=True)
     if assets:
         captions, caption_texts = _music_prompts(assets, num_sample_captions,
@@ -178,9 +218,14 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
         print("== evaluate (held-out raters, rewards, KL) ==", flush=True)
         lm_params = result["state"].params
         reference = evaluation.ModelUnderTest("pretrained LM", config, lm_params, sampling)
-        models = [reference, evaluation.ModelUnderTest(
-            "pretrained LM (T=0.8, top-k 50)", config, lm_params,
-            decoding.SamplingConfig(temperature=0.8, top_k=min(50, config.codebook_size)))]
+        models = [reference] + [
+            evaluation.ModelUnderTest(RL_DISPLAY_NAMES.get(name, name), config,
+                                      rl_result["state"].params, sampling)
+            for name, rl_result in rl_results.items()]
+        if not rl_results:  # no policies to compare: show what sampling settings change
+            models.append(evaluation.ModelUnderTest(
+                "pretrained LM (T=0.8, top-k 50)", config, lm_params,
+                decoding.SamplingConfig(temperature=0.8, top_k=min(50, config.codebook_size))))
         stages = {"text_reward": text_reward, **feedback_results}
         reward_models = {name: (jax.jit(stages[name]["task"].score), stages[name]["state"].params)
                          for name in ("text_reward", "quality_reward", "preference_reward")
@@ -240,6 +285,24 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
                           f"(majority class {m.get('majority_rate', float('nan')):.3f}), ECE "
                           f"{m.get('ece', float('nan')):.3f}")
         report.append(f"- feedback shards: `{os.path.join(run_dir, 'feedback')}`")
+        report.append("")
+    if rl_results:
+        report += ["## RL fine-tuning (KL-regularised policy gradient; held-out captions)", ""]
+        for name, rl_result in rl_results.items():
+            summary = rl_result["summary"]
+            first, last = summary.get("eval_first", {}), summary.get("eval_last", {})
+            own = ", ".join(f"{r} {first.get(f'reward/{r}', float('nan')):.3f} -> "
+                            f"{last.get(f'reward/{r}', float('nan')):.3f}"
+                            for r in summary["rewards"])
+            report.append(
+                f"- {RL_DISPLAY_NAMES.get(name, name)}: {summary['step']} steps from "
+                f"`{os.path.relpath(summary['init_checkpoint'], run_dir)}`; own reward "
+                f"(normalised sum) {first.get('reward', float('nan')):.3f} (step "
+                f"{first.get('step', 0)}) -> {last.get('reward', float('nan')):.3f} (step "
+                f"{last.get('step', 0)}); raw: {own}; KL to the pretrained LM "
+                f"{last.get('kl', float('nan')):.2f} nats; "
+                f"{summary['train'].get('samples_per_sec', float('nan')):.1f} samples/s -> "
+                f"`{name}/` (metrics.jsonl, tensorboard, samples/)")
         report.append("")
     if evaluation_result:
         report += ["## Side-by-side evaluation (held-out raters, rewards, KL)", "",

@@ -12,7 +12,7 @@ from conftest import toy_task
 from musicrl_jax import partitioning
 from musicrl_jax.checkpoints import Checkpointer, abstract_like
 from musicrl_jax.errors import ConfigError
-from musicrl_jax.pipeline import read_metrics
+from musicrl_jax.training.trainer import read_metrics
 from musicrl_jax.training import trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

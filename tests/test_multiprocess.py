@@ -8,7 +8,7 @@ import numpy as np
 
 from musicrl_jax import main, partitioning
 from musicrl_jax.checkpoints import Checkpointer, abstract_like
-from musicrl_jax.pipeline import read_metrics
+from musicrl_jax.training.trainer import read_metrics
 from musicrl_jax.training import trainer
 from musicrl_jax.training.tasks import MusicLMTask
 

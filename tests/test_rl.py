@@ -1,3 +1,4 @@
+import os
 import time
 
 import jax
@@ -243,22 +244,113 @@ def test_other_options_trace_with_consistent_shapes(tiny_config, tiny_params, op
         assert "grad_norm_last" in metrics
 
 
-def test_train_rl_loop_logs_and_resumes(tmp_path, tiny_config, tiny_params, one_device):
+def _read_jsonl(path):
     import json
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
+
+def test_train_rl_logs_evaluates_writes_audio_and_resumes_identically(
+        tmp_path, tiny_config, tiny_params, tiny_tokenizer, one_device):
     from conftest import toy_task
-    source = toy_task().train_source
+    task = toy_task()
+    tokenizer_dir = str(tmp_path / "tokenizer")
+    tiny_tokenizer.save(tokenizer_dir)
     args = dict(lm_config=tiny_config, policy_params=tiny_params, reward_fn=toy_reward_fn,
-                reward_params={"scale": jnp.asarray(REWARD_SCALE)}, caption_source=source,
-                workdir=str(tmp_path / "rl"), rl_config=RL_CONFIG, tx=optax.adam(5e-3),
+                reward_params={"scale": jnp.asarray(REWARD_SCALE)},
+                caption_source=task.train_source, eval_source=task.eval_source,
+                num_eval_captions=8, eval_every=2, tokenizer_dir=tokenizer_dir, audio_every=2,
+                num_audio_samples=2, rl_config=RL_CONFIG, tx=optax.adam(5e-3),
                 captions_per_step=NUM_CAPTIONS, log_every=1, checkpoint_every=2,
-                mesh=one_device["mesh"])
-    first = rl.train_rl(num_steps=2, **args)
-    assert first["step"] == 2
-    resumed = rl.train_rl(num_steps=3, **args)
-    assert resumed["step"] == 3
-    steps = [json.loads(line)["step"] for line in (tmp_path / "rl" / "metrics.jsonl").open()]
-    assert steps == [1, 2, 3], steps  # the second run resumed at step 2
-    assert np.isfinite(resumed["train"]["reward_mean"])
+                show_progress=False, mesh=one_device["mesh"])
+    straight = rl.train_rl(num_steps=4, workdir=str(tmp_path / "straight"), **args)
+    # An interrupted run: stops after step 2 (its checkpoint), then a new call resumes it.
+    rl.train_rl(num_steps=2, workdir=str(tmp_path / "resumed"), **args)
+    resumed = rl.train_rl(num_steps=4, workdir=str(tmp_path / "resumed"), **args)
+    assert straight["step"] == resumed["step"] == 4
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
+                 jax.device_get(straight["state"].params), jax.device_get(resumed["state"].params))
+    rows = {name: _read_jsonl(tmp_path / name / "metrics.jsonl") for name in ("straight", "resumed")}
+    train = {name: {r["step"]: r for r in rs if "eval" not in r} for name, rs in rows.items()}
+    assert sorted(train["resumed"]) == [1, 2, 3, 4]  # the resumed call started at step 3
+    for step in (3, 4):
+        for key in ("reward_mean", "kl", "pg_loss", "grad_norm"):
+            assert train["resumed"][step][key] == train["straight"][step][key], (step, key)
+    row = train["straight"][4]
+    assert row["samples_per_sec"] > 0
+    assert row["tokens_per_sec"] == pytest.approx(
+        row["samples_per_sec"] * RL_CONFIG.num_frames * tiny_config.num_codebooks)
+    assert {"reward/target_fraction_min", "reward/target_fraction_max", "entropy", "kl_max",
+            "grad_norm", "pg_loss"} <= set(row)
+    evals = {r["step"]: r["eval"] for r in rows["straight"] if "eval" in r}
+    assert sorted(evals) == [0, 2, 4] and evals[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert evals[4]["kl"] > 0 and "reward/target_fraction" in evals[4]
+    for step in (0, 2, 4):
+        wavs = sorted((tmp_path / "straight" / "samples" / f"step_{step:06d}").glob("*.wav"))
+        assert len(wavs) == 2 and all(w.stat().st_size > 1000 for w in wavs)
+    assert list((tmp_path / "straight" / "tensorboard").glob("events.out.tfevents.*"))
     # The caller's params (the reference) are untouched by the donated steps.
     assert np.isfinite(np.asarray(jax.tree.leaves(tiny_params)[0])).all()
+    with pytest.raises(ConfigError, match="tokenizer_dir"):
+        rl.train_rl(num_steps=1, workdir=str(tmp_path / "x"), **{**args, "tokenizer_dir": None})
+
+
+def test_rl_finetune_runs_r_then_ru_from_checkpoints(tmp_path, tiny_config, one_device):
+    import json
+
+    import gin
+
+    from conftest import toy_task
+    from musicrl_jax.checkpoints import Checkpointer
+    from musicrl_jax.rewards import RewardCombination, RewardModel
+    from musicrl_jax.training import trainer
+    from musicrl_jax.training.reward_tasks import TextRewardTask
+    from musicrl_jax.training.rl_finetune import restore_policy_params, rl_finetune
+
+    mesh = one_device["mesh"]
+    task = toy_task()
+    tx, _ = trainer.make_optimizer(total_steps=1)
+    with partitioning.mesh_context(mesh):
+        pretrained, _ = trainer.create_train_state(task, tx, mesh, seed=0)
+    pretrain_dir = str(tmp_path / "pretrain")
+    checkpointer = Checkpointer(os.path.join(pretrain_dir, "checkpoints"), kind="music_lm")
+    checkpointer.save(1, pretrained, force=True)
+    checkpointer.close()
+
+    text = TextRewardTask(config=tiny_config, num_audio_layers=1, projection_dim=16)
+    text_params = partitioning.unbox(text.fresh_params(jax.random.PRNGKey(1)))
+
+    def rewards():
+        return RewardCombination(rewards={"text": RewardModel(text, text_params)},
+                                 weights={"text": 1.0},
+                                 reference_stats={"text": {"mean": 0.0, "std": 0.1}})
+
+    gin.bind_parameter("train_rl.num_steps", 2)
+    gin.bind_parameter("train_rl.captions_per_step", NUM_CAPTIONS)
+    gin.bind_parameter("train_rl.eval_every", 2)
+    gin.bind_parameter("train_rl.num_eval_captions", 8)
+    gin.bind_parameter("train_rl.show_progress", False)
+    gin.bind_parameter("train_rl.rl_config", RL_CONFIG)
+    common = dict(lm_config=tiny_config, rewards=rewards, mesh=mesh,
+                  caption_source=lambda: task.train_source, eval_source=lambda: task.eval_source)
+    r = rl_finetune(init_checkpoint=pretrain_dir, workdir=str(tmp_path / "r"), **common)
+    summary = json.load(open(tmp_path / "r" / "summary.json"))
+    assert summary["eval_first"]["step"] == 0 and summary["eval_last"]["step"] == 2
+    assert summary["eval_first"]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert "reward/text" in summary["eval_last"] and summary["rewards"] == {"text": 1.0}
+    # MusicRL-RU's start: the RL checkpoint's policy, restored by kind.
+    restored = restore_policy_params(tiny_config, str(tmp_path / "r"), mesh)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), jax.device_get(restored),
+                 jax.device_get(r["state"].params))
+    ru = rl_finetune(init_checkpoint=str(tmp_path / "r"), reference_checkpoint=pretrain_dir,
+                     workdir=str(tmp_path / "ru"), **common)
+    assert ru["summary"]["eval_first"]["kl_k3"] > 1e-4  # starts at R's policy, anchored at pretrain
+    assert ru["summary"]["reference_checkpoint"] == os.path.abspath(pretrain_dir)
+    with pytest.raises(ConfigError, match="not a music LM policy"):
+        text_dir = tmp_path / "text_reward" / "checkpoints"
+        ck = Checkpointer(str(text_dir), kind="text_reward")
+        ck.save(1, {"w": jnp.zeros(2)}, force=True)
+        ck.close()
+        restore_policy_params(tiny_config, str(tmp_path / "text_reward"), mesh)
+    with pytest.raises(ConfigError, match="No music_rl|No policy|No complete"):
+        restore_policy_params(tiny_config, str(tmp_path / "missing"), mesh)

@@ -5,7 +5,7 @@ import pytest
 
 from conftest import toy_task
 from musicrl_jax import partitioning
-from musicrl_jax.pipeline import eval_history, read_metrics
+from musicrl_jax.training.trainer import eval_history, read_metrics
 from musicrl_jax.training import trainer
 
 

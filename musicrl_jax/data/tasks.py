@@ -176,3 +176,10 @@ def prompts(split: str = "validation", caption_length: int = 48) -> dict[str, np
             "caption": np.array([row["caption"].decode() for row in rows]),
             "clip_id": np.array([row["clip_id"].decode() for row in rows]),
             "tempo_bpm": np.array([row["tempo_bpm"] for row in rows], np.int32)}
+
+
+@gin.configurable
+def prompt_source(split: str = "train", caption_length: int = 48, seed: int = 0) -> ArraySource:
+    """A split's captions (caption_tokens only): what the RL policy is prompted with."""
+    tokens = prompts(split, caption_length)["caption_tokens"]
+    return ArraySource({"caption_tokens": tokens}, seed=seed, name=f"{PROMPTS_TASK}/{split}")

@@ -51,22 +51,28 @@ def checkpoint_directory(path: str, kind: str) -> str:
                       "first (its train.workdir holds checkpoints/), or correct the path.")
 
 
-def restore_params(init_params: Callable, kind: str, path: str, mesh=None, step=None):
-    """Params of a `trainer.train` checkpoint, restored onto `mesh` sharded by the logical rules.
+def restore_params(init_params: Callable, kind: str, path: str, mesh=None, step=None,
+                   make_state: Callable | None = None):
+    """Params of a checkpoint, restored onto `mesh` sharded by the logical rules.
 
     `init_params(rng)` gives the boxed parameter tree of the expected model; the optimizer
-    state is restored alongside (the checkpoint holds the whole TrainState) and dropped.
+    state is restored alongside (the checkpoint holds the whole state) and dropped.
+    `make_state(params, opt_state)` builds the saved state's layout (default: the trainer's
+    TrainState; the RL loop passes its RLState).
     """
     from musicrl_jax.training import trainer  # the loop owns the TrainState layout
 
     directory = checkpoint_directory(path, kind)
     mesh = partitioning.make_mesh() if mesh is None else mesh
     tx, _ = trainer.make_optimizer(total_steps=1)  # only its state's structure is used
+    if make_state is None:
+        def make_state(params, opt_state):
+            return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                      opt_state=opt_state)
 
     def init_state(rng):
         params = init_params(rng)
-        return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                  opt_state=tx.init(params))
+        return make_state(params, tx.init(params))
 
     with partitioning.mesh_context(mesh):
         abstract, _ = partitioning.abstract_with_shardings(init_state, mesh,

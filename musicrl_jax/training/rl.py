@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from typing import Any, Callable
 
 import flax
@@ -49,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from musicrl_jax import decoding, partitioning
@@ -335,34 +337,101 @@ def jit_rl_step(rl_step, state_shardings, param_shardings, mesh, reward_sharding
         donate_argnums=(0,) if donate_state else ())
 
 
-def check_caption_batch(num_captions: int, mesh) -> None:
-    partitioning.check_batch_size(num_captions, mesh, "RL caption batch size")
-
-
 def metrics_to_host(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def make_rl_eval(lm_config: music_lm.MusicLMConfig, reward_fn: Callable,
+                 rl_config: RLConfig) -> Callable:
+    """Returns pure rl_eval(params, reference_params, reward_params, caption_tokens, rng) ->
+    (metrics, codes): one clip per caption from the policy, its reward components and its KL to
+    the reference. Called with the same rng at every evaluation, so the numbers move only
+    because the policy does (common random numbers)."""
+    cfg = rl_config
+
+    def rl_eval(params, reference_params, reward_params, caption_tokens, rng):
+        rngs = decoding.example_rngs(rng, caption_tokens.shape[0])
+        codes = decoding.sample(lm_config, params, caption_tokens, rngs,
+                                num_frames=cfg.num_frames, sampling=cfg.sampling)["codes"]
+        total, components = reward_fn(reward_params, caption_tokens, codes)
+        ref_lp, _, mask = policy_token_stats(lm_config, reference_params, caption_tokens, codes)
+        token_lp, entropy, _ = policy_token_stats(lm_config, params, caption_tokens, codes)
+        num_valid = jnp.maximum(jnp.broadcast_to(mask, token_lp.shape).sum(), 1)
+        metrics = {"reward": total.astype(jnp.float32).mean(),
+                   "kl": kl_per_sequence(token_lp, ref_lp, mask, "k1").mean(),
+                   "kl_k3": kl_per_sequence(token_lp, ref_lp, mask, "k3").mean(),
+                   "entropy": entropy.sum() / num_valid}
+        metrics.update({f"reward/{name}": raw.astype(jnp.float32).mean()
+                        for name, raw in components.items()})
+        return metrics, codes
+
+    return rl_eval
+
+
+class AudioLog:
+    """Decodes sampled codes to WAV files under `out_dir/step_<N>/` and to TensorBoard."""
+
+    def __init__(self, tokenizer_dir: str, out_dir: str, writer, count: int = 4):
+        from musicrl_jax.audio.tokenizer import load_tokenizer
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.out_dir, self.writer, self.count = out_dir, writer, count
+
+    def __call__(self, step: int, codes) -> list[str]:
+        from musicrl_jax.audio import listen
+        codes = np.asarray(codes)[:self.count]
+        paths = listen.codes_to_wavs(self.tokenizer, codes, os.path.join(
+            self.out_dir, f"step_{step:06d}"), prefix="sample")
+        waveforms = np.clip(self.tokenizer.decode(codes), -1.0, 1.0)[..., None]
+        self.writer.write_audios(step, {"samples": waveforms},
+                                 sample_rate=self.tokenizer.sample_rate)
+        return paths
 
 
 @gin.configurable
 def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.REQUIRED,
              reward_params=gin.REQUIRED, caption_source=gin.REQUIRED, workdir: str = gin.REQUIRED,
-             *, rl_config: RLConfig | None = None, tx=None, num_steps: int = 100,
-             captions_per_step: int = 8, log_every: int = 10, checkpoint_every: int = 50,
-             keep_checkpoints: int = 3, seed: int = 0, mesh=None) -> dict[str, Any]:
+             *, reference_params=None, rl_config: RLConfig | None = None, tx=None,
+             optimizer: Callable = make_optimizer,
+             num_steps: int = 100, captions_per_step: int = 8, log_every: int = 10,
+             eval_source=None, eval_every: int = 50, num_eval_captions: int = 16,
+             tokenizer_dir: str | None = None, audio_every: int = 0, num_audio_samples: int = 4,
+             checkpoint_every: int = 50, keep_checkpoints: int = 3, seed: int = 0,
+             show_progress: bool = True, mesh=None) -> dict[str, Any]:
     """RL fine-tuning loop: `num_steps` rl_steps on `captions_per_step` captions each (from
     `caption_source.train_batch(step, n)["caption_tokens"]`), resuming from
-    `workdir/checkpoints`. The frozen reference is `policy_params` (the pretrained LM).
-    Metrics go to `workdir/metrics.jsonl`. Returns {'step', 'train': last metrics, 'state'}."""
+    `workdir/checkpoints` (a resumed run takes exactly the steps an uninterrupted one would:
+    captions and rngs are functions of the step). The policy starts at `policy_params`; the
+    frozen reference is `reference_params` (default: `policy_params`). The optimizer is `tx`,
+    else `optimizer(total_steps=num_steps)[0]` (gin: `train_rl.optimizer = @rl/make_optimizer`
+    sets RL's learning rate apart from pretraining's).
+
+    Logged to `workdir/metrics.jsonl` and TensorBoard: every `log_every` steps the step's
+    metrics (reward components mean/min/max, KL, entropy, losses, grad norm) with samples/s and
+    tokens/s; every `eval_every` steps (and at step 0) the policy on the first
+    `num_eval_captions` held-out captions of `eval_source`; every `audio_every` steps
+    `num_audio_samples` of those clips as WAV (`workdir/samples/`) and TensorBoard audio
+    (needs `tokenizer_dir`). SIGTERM saves a checkpoint and stops.
+    Returns {'step', 'train': last metrics, 'eval': {step: eval metrics}, 'state'}."""
+    from clu import metric_writers
+    from tqdm import tqdm
+
+    from musicrl_jax.training.trainer import PreemptionFlag, write_operative_config
+
     rl_config = rl_config or RLConfig()
     mesh = partitioning.make_mesh() if mesh is None else mesh
     partitioning.check_batch_size(captions_per_step, mesh, "train_rl.captions_per_step")
-    tx = make_optimizer(total_steps=num_steps)[0] if tx is None else tx
+    tx = optimizer(total_steps=num_steps)[0] if tx is None else tx
+    if audio_every and not tokenizer_dir:
+        raise ConfigError("train_rl.audio_every > 0 needs train_rl.tokenizer_dir (the audio "
+                          "tokenizer that decodes the policy's codes). Fix: set it, or set "
+                          "audio_every = 0.")
     os.makedirs(workdir, exist_ok=True)
     rules = partitioning.logical_axis_rules()
+    reference_params = policy_params if reference_params is None else reference_params
     with partitioning.mesh_context(mesh, rules):
         state, state_shardings, param_shardings = create_rl_state(
             lm_config, tx, policy_params, mesh, rl_config, rules)
-        reference = jax.device_put(policy_params, param_shardings)
+        reference = jax.device_put(reference_params, param_shardings)
         reward_shardings = existing_shardings(reward_params, mesh)
         reward_params = jax.device_put(reward_params, reward_shardings)
         step_fn = jit_rl_step(make_rl_step(lm_config, tx, reward_fn, rl_config), state_shardings,
@@ -372,12 +441,59 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(abstract_like(state, state_shardings))
     start = int(state.step)
-    local = partitioning.host_local_batch_size(captions_per_step)
-    metrics_log = (open(os.path.join(workdir, "metrics.jsonl"), "a")
-                   if jax.process_index() == 0 else None)
-    last: dict[str, float] = {}
-    try:
+
+    eval_fn = eval_captions = None
+    if eval_source is not None and eval_every:
+        eval_captions = np.asarray(eval_source.arrays["caption_tokens"][:num_eval_captions],
+                                   np.int32)
+        partitioning.check_batch_size(len(eval_captions), mesh, "train_rl.num_eval_captions")
+        replicated = NamedSharding(mesh, PartitionSpec())
         with partitioning.mesh_context(mesh, rules):
+            eval_fn = jax.jit(make_rl_eval(lm_config, reward_fn, rl_config),
+                              in_shardings=(param_shardings, param_shardings, reward_shardings,
+                                            partitioning.batch_sharding(mesh, 2), replicated),
+                              out_shardings=replicated)
+
+    is_main = jax.process_index() == 0
+    writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"),
+                                                  just_logging=not is_main)
+    audio_log = (AudioLog(tokenizer_dir, os.path.join(workdir, "samples"), writer,
+                          num_audio_samples) if audio_every and is_main else None)
+    metrics_log = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_main else None
+    progress = tqdm(total=num_steps, initial=start, desc="RL fine-tuning",
+                    disable=not (show_progress and is_main), dynamic_ncols=True)
+    samples_per_step = captions_per_step * rl_config.samples_per_caption
+    tokens_per_sample = rl_config.num_frames * lm_config.num_codebooks
+    local = partitioning.host_local_batch_size(captions_per_step)
+    last: dict[str, float] = {}
+    evals: dict[int, dict[str, float]] = {}
+
+    def log(step, record):
+        if metrics_log:
+            metrics_log.write(json.dumps({"step": step, **record}) + "\n")
+            metrics_log.flush()
+
+    def run_eval(done):
+        with partitioning.mesh_context(mesh, rules):
+            captions = partitioning.shard_batch({"c": eval_captions}, mesh)["c"]
+            metrics, codes = eval_fn(state.params, reference, reward_params, captions,
+                                     jax.random.PRNGKey(seed + 1))
+        metrics = metrics_to_host(metrics)
+        check_finite(metrics, done, "RL evaluation")
+        evals[done] = metrics
+        writer.write_scalars(done, {f"eval/{k}": v for k, v in metrics.items()})
+        log(done, {"eval": metrics})
+        if is_main and show_progress:
+            progress.write(f"[rl] step {done}: held-out " +
+                           ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if audio_log and (done % audio_every == 0 or done == num_steps):
+            audio_log(done, jax.device_get(codes))
+
+    try:
+        with partitioning.mesh_context(mesh, rules), PreemptionFlag() as preemption:
+            if eval_fn and start == 0:
+                run_eval(0)
+            tick, last_logged = time.perf_counter(), start
             for step in range(start, num_steps):
                 captions = caption_source.train_batch(step, local)["caption_tokens"]
                 captions = partitioning.shard_batch(
@@ -388,15 +504,32 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
                 if done % log_every == 0 or done == num_steps or done == start + 1:
                     last = metrics_to_host(metrics)
                     check_finite(last, done, "RL fine-tuning")
-                    if metrics_log:
-                        metrics_log.write(json.dumps({"step": done, **last}) + "\n")
-                        metrics_log.flush()
-                checkpointer.save(done, state, force=done == num_steps)
+                    now = time.perf_counter()
+                    last["samples_per_sec"] = (samples_per_step * (done - last_logged)
+                                               / max(now - tick, 1e-9))
+                    last["tokens_per_sec"] = last["samples_per_sec"] * tokens_per_sample
+                    tick, last_logged = now, done
+                    writer.write_scalars(done, {f"train/{k}": v for k, v in last.items()})
+                    log(done, last)
+                    progress.set_postfix(reward=f"{last['reward_mean']:.3f}",
+                                         kl=f"{last['kl']:.2f}")
+                if done == start + 1:
+                    write_operative_config(workdir)
+                if eval_fn and (done % eval_every == 0 or done == num_steps):
+                    run_eval(done)
+                    tick, last_logged = time.perf_counter(), done
+                checkpointer.save(done, state, force=done == num_steps or preemption.requested)
+                progress.update(1)
+                if preemption.requested:
+                    logging.warning("SIGTERM: saved RL step %d, stopping.", done)
+                    break
     finally:
+        progress.close()
         checkpointer.close()
+        writer.flush()
         if metrics_log:
             metrics_log.close()
-    return {"step": int(state.step), "train": last, "state": state}
+    return {"step": int(state.step), "train": last, "eval": evals, "state": state}
 
 
 __all__ = ["RLConfig", "RLState", "advantages", "kl_per_sequence", "policy_gradient_loss",

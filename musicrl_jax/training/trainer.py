@@ -148,7 +148,7 @@ def check_finite(metrics: dict[str, float], step: int, where: str = "training"):
             "from that checkpoint).")
 
 
-class _PreemptionFlag:
+class PreemptionFlag:
     """Turns SIGTERM (what schedulers send before preempting) into a save-and-stop request."""
 
     def __init__(self):
@@ -168,6 +168,19 @@ class _PreemptionFlag:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def eval_history(workdir: str) -> dict[int, dict]:
+    """{step: eval metrics}; later lines win (a resumed run rewrites the steps it redid)."""
+    return {row["step"]: row["eval"] for row in read_metrics(workdir) if "eval" in row}
 
 
 def write_operative_config(workdir: str):
@@ -242,7 +255,7 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
     local_batch = partitioning.host_local_batch_size(batch_size)
     step = start
     try:
-        with partitioning.mesh_context(mesh, rules), _PreemptionFlag() as preemption:
+        with partitioning.mesh_context(mesh, rules), PreemptionFlag() as preemption:
             if eval_at_start and eval_every and start == 0:
                 eval_metrics = run_eval(0)
             tick, last_logged = time.perf_counter(), start

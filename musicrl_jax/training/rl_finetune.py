@@ -1,0 +1,102 @@
+"""The RL stage as a job: MusicRL-R, -U and -RU are gin files over `rl_finetune`.
+
+  rl_finetune(lm_config, init_checkpoint, rewards, caption_source, workdir, ...)
+
+restores the starting policy (a pretraining or an RL checkpoint: MusicRL-RU starts from
+MusicRL-R's) and the frozen reference (the pretrained LM, the paper's anchor), builds the reward
+combination, and runs `rl.train_rl`. `rewards`, `caption_source` and `eval_source` are
+factories, called after the data stage so they read the freshly built data, e.g.
+
+  rl_finetune.rewards = @RewardCombination          # no (): a factory
+  rl_finetune.caption_source = @train_prompts/prompt_source
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Callable
+
+import gin
+import jax.numpy as jnp
+
+from musicrl_jax import partitioning
+from musicrl_jax.checkpoints import Checkpointer
+from musicrl_jax.errors import ConfigError
+from musicrl_jax.models import music_lm
+from musicrl_jax.training import reward_tasks, rl
+from musicrl_jax.training.trainer import eval_history
+
+POLICY_KINDS = ("music_lm", "music_rl")
+
+
+def restore_policy_params(lm_config: music_lm.MusicLMConfig, path: str, mesh=None):
+    """The LM params of a pretraining (`music_lm`) or RL (`music_rl`) checkpoint (a run
+    directory or its checkpoints/), sharded on `mesh` by the logical rules."""
+    directory = reward_tasks.checkpoint_directory(path, "policy")
+    probe = Checkpointer(directory)
+    try:
+        if probe.latest_step() is None:
+            raise ConfigError(f"No complete checkpoint in {directory}. Fix: train the stage "
+                              "that writes it (pretraining, or MusicRL-R for MusicRL-RU) first.")
+        kind = probe.meta().get("kind")
+    finally:
+        probe.close()
+    if kind not in POLICY_KINDS:
+        raise ConfigError(f"{directory} holds a {kind!r} checkpoint, not a music LM policy "
+                          f"({' or '.join(POLICY_KINDS)}). Fix: point init_checkpoint / "
+                          "reference_checkpoint at a pretraining or RL run directory.")
+    init = functools.partial(music_lm.init_params, lm_config)
+    make_state = _rl_state if kind == "music_rl" else None
+    return reward_tasks.restore_params(init, kind, directory, mesh, make_state=make_state)
+
+
+def _rl_state(params, opt_state) -> rl.RLState:
+    return rl.RLState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                      beta=jnp.zeros((), jnp.float32))
+
+
+@gin.configurable
+def rl_finetune(lm_config=gin.REQUIRED, init_checkpoint: str = gin.REQUIRED,
+                rewards: Callable = gin.REQUIRED, caption_source: Callable = gin.REQUIRED,
+                workdir: str = gin.REQUIRED, *, reference_checkpoint: str | None = None,
+                eval_source: Callable | None = None, prepare_data: Callable | None = None,
+                register_tasks: Callable | None = None, tokenizer_dir: str | None = None,
+                mesh=None) -> dict[str, Any]:
+    """Fine-tunes the policy at `init_checkpoint` against `rewards()` (a RewardCombination)
+    with a KL penalty to `reference_checkpoint` (default: `init_checkpoint`). The loop's
+    settings (steps, RLConfig, optimizer) are `train_rl`'s gin bindings. `prepare_data()` (if
+    given) returns the data's assets directory, whose tokenizer then decodes logged audio.
+    Writes
+    `workdir/summary.json`: the held-out reward components and KL at the first and last
+    evaluation."""
+    assets = prepare_data() if prepare_data is not None else None
+    if tokenizer_dir is None and assets:
+        tokenizer_dir = os.path.join(assets, "tokenizer")
+    if register_tasks is not None:
+        register_tasks()
+    mesh = partitioning.make_mesh() if mesh is None else mesh
+    policy = restore_policy_params(lm_config, init_checkpoint, mesh)
+    reference = policy
+    if reference_checkpoint and (os.path.abspath(reference_checkpoint)
+                                 != os.path.abspath(init_checkpoint)):
+        reference = restore_policy_params(lm_config, reference_checkpoint, mesh)
+    combination = rewards()
+    extra = {"tokenizer_dir": tokenizer_dir} if tokenizer_dir else {}
+    result = rl.train_rl(
+        lm_config=lm_config, policy_params=policy, reference_params=reference,
+        reward_fn=combination.reward_fn, reward_params=combination.params,
+        caption_source=caption_source(), workdir=workdir,
+        eval_source=eval_source() if eval_source else None, mesh=mesh, **extra)
+    evals = eval_history(workdir)  # includes evaluations from before a resume
+    summary = {"init_checkpoint": os.path.abspath(init_checkpoint),
+               "reference_checkpoint": os.path.abspath(reference_checkpoint or init_checkpoint),
+               "rewards": dict(combination.weights), "reward_stats": combination.stats,
+               "step": result["step"], "train": result["train"]}
+    if evals:
+        summary["eval_first"] = {"step": min(evals), **evals[min(evals)]}
+        summary["eval_last"] = {"step": max(evals), **evals[max(evals)]}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return {**result, "summary": summary, "rewards": combination}
