@@ -12,11 +12,13 @@ TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 install: system-deps $(VENV)/.installed
 
 system-deps:
-	@if ! command -v fluidsynth >/dev/null || [ ! -f /usr/share/sounds/sf2/TimGM6mb.sf2 ]; then \
-	  echo "Installing FluidSynth and a General MIDI soundfont (apt-get)"; \
+	@if ! command -v fluidsynth >/dev/null || [ ! -f /usr/share/sounds/sf2/TimGM6mb.sf2 ] || \
+	    ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo "Installing FluidSynth, a General MIDI soundfont and headless Chromium (apt-get)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq fluidsynth timgm6mb-soundfont; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq fluidsynth timgm6mb-soundfont \
+	    chromium chromium-driver; \
 	fi
 
 $(VENV)/.installed: setup.py requirements.lock

@@ -30,6 +30,12 @@ setup(
         "numpy==2.4.6",
         "absl-py==2.5.1",
         "tqdm==4.70.1",
+        # The listening web page (musicrl_jax/listening) and its browser/load tests.
+        "fastapi==0.165.0",
+        "uvicorn==0.54.0",
+        "python-multipart==0.0.34",
+        "httpx==0.28.1",
+        "selenium==4.51.0",
     ],
     extras_require={
         "test": ["pytest==9.2.0"],

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+import soundfile as sf
 from fastapi.testclient import TestClient
 
 from musicrl_jax.data import feedback
@@ -351,6 +352,34 @@ def test_make_batch_from_wav_directories_and_codes(tmp_path):
     # Clip ids must not give the model away in the page's audio URLs.
     assert not any(m in c.clip_id for p in batch.pairs for c in p.clips
                    for m in ("base", "tuned"))
+
+
+def test_make_batch_decodes_codes_encodes_wavs_and_tokenizes_captions(tmp_path, tiny_tokenizer):
+    """Model A given as codes only (decoded with audio.listen.codes_to_wavs), model B as WAVs
+    only (encoded with the tokenizer), captions as text (tokenized with the caption vocab)."""
+    from musicrl_jax.data.vocab import load_caption_vocabulary, train_caption_vocabulary
+    tiny_tokenizer.save(str(tmp_path / "tokenizer"))
+    captions = ["slow piano ballad", "fast drum groove"]
+    (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
+    train_caption_vocabulary(captions * 20, str(tmp_path / "vocab"), vocab_size=40)
+    np.savez(tmp_path / "base.npz", codes=np.random.default_rng(0).integers(0, 32, (2, 6, 2)))
+    _write_wavs(tmp_path / "tuned", 2, 440)
+    cli.main(["make-batch", "--out", str(tmp_path / "batch"), "--captions",
+              str(tmp_path / "captions.txt"), "--model-a", "base", "--model-b", "tuned",
+              "--codes-a", str(tmp_path / "base.npz"), "--wavs-b", str(tmp_path / "tuned"),
+              "--tokenizer", str(tmp_path / "tokenizer"), "--caption-vocab",
+              str(tmp_path / "vocab")])
+    batch = batch_lib.load_batch(str(tmp_path / "batch"))
+    codes = batch.load_codes()
+    vocabulary = load_caption_vocabulary(str(tmp_path / "vocab"))
+    for i, pair in enumerate(batch.pairs):
+        assert list(pair.caption_tokens) == list(vocabulary.encode(captions[i])) + [1]
+        base, tuned = pair.clips
+        np.testing.assert_array_equal(codes[base.clip_id],
+                                      np.load(tmp_path / "base.npz")["codes"][i])
+        assert codes[tuned.clip_id].shape == (tiny_tokenizer.num_frames(1600), 2)
+        # The decoded WAV has the length the tokenizer's frame contract gives 6 frames.
+        assert len(sf.read(batch.clip_path(base.clip_id))[0]) == tiny_tokenizer.num_samples(6)
 
 
 def _cli(*args):
