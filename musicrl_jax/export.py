@@ -47,7 +47,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -55,7 +54,7 @@ from musicrl_jax import decoding, generate, partitioning
 from musicrl_jax.checkpoints import Checkpointer
 from musicrl_jax.errors import ConfigError
 from musicrl_jax.models import music_lm
-from musicrl_jax.training import reward_tasks
+from musicrl_jax.training import reward_tasks, rl_finetune
 
 POLICY_KINDS = ("music_lm", "music_rl")
 
@@ -81,28 +80,6 @@ def checkpoint_meta(checkpoint_dir: str, step: int | None = None) -> tuple[str, 
     return directory, step, meta
 
 
-def _restore_rl_params(config: music_lm.MusicLMConfig, directory: str, mesh, step: int):
-    """reward_tasks.restore_params for an RLState checkpoint (it has `beta` besides the
-    TrainState fields, so the template differs)."""
-    from musicrl_jax.training import rl, trainer
-
-    tx, _ = trainer.make_optimizer(total_steps=1)  # only its state's structure is used
-
-    def init_state(rng):
-        params = music_lm.init_params(config, rng)
-        return rl.RLState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), beta=jnp.zeros((), jnp.float32))
-
-    with partitioning.mesh_context(mesh):
-        abstract, _ = partitioning.abstract_with_shardings(init_state, mesh,
-                                                           jax.random.PRNGKey(0))
-    checkpointer = Checkpointer(directory, kind="music_rl")
-    try:
-        return checkpointer.restore(abstract, step).params
-    finally:
-        checkpointer.close()
-
-
 def restore_policy_params(checkpoint_dir: str, config: music_lm.MusicLMConfig,
                           step: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """The policy's params as a flat {'/'-joined name: numpy array} dict, and where they came
@@ -111,11 +88,10 @@ def restore_policy_params(checkpoint_dir: str, config: music_lm.MusicLMConfig,
     directory, step, meta = checkpoint_meta(checkpoint_dir, step)
     # One device whatever mesh the checkpoint was written from: Orbax reshards on restore.
     mesh = partitioning.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
-    if meta["kind"] == "music_lm":
-        params = reward_tasks.restore_params(lambda rng: music_lm.init_params(config, rng),
-                                             "music_lm", directory, mesh, step)
-    else:
-        params = _restore_rl_params(config, directory, mesh, step)
+    # An RLState holds `beta` besides the TrainState fields: the RL stage's layout.
+    make_state = rl_finetune._rl_state if meta["kind"] == "music_rl" else None
+    params = reward_tasks.restore_params(lambda rng: music_lm.init_params(config, rng),
+                                         meta["kind"], directory, mesh, step, make_state=make_state)
     flat = traverse_util.flatten_dict(jax.device_get(partitioning.unbox(params)), sep="/")
     return ({name: np.asarray(value) for name, value in flat.items()},
             {"checkpoint_dir": directory, "kind": meta["kind"], "step": int(step)})
