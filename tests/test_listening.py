@@ -114,12 +114,14 @@ def test_wrong_or_missing_csrf_token_and_foreign_origin_are_refused(session):
     assert response.status_code == 403
     form = {"pair_id": pair["pair_id"], "choice": "b", "csrf_token": "wrong"}
     assert client.post("/vote", data=form, follow_redirects=False).status_code == 403
+    form["csrf_token"] = "n\u00e9ant"  # non-ASCII must be a 403, not a 500
+    assert client.post("/vote", data=form, follow_redirects=False).status_code == 403
     form["csrf_token"] = pair["csrf_token"]
     response = client.post("/vote", data=form, headers={"Origin": "http://evil.example"},
                            follow_redirects=False)
     assert response.status_code == 403
     assert session.store.votes() == []
-    assert session.events().count("bad_csrf") == 3 and "foreign_origin" in session.events()
+    assert session.events().count("bad_csrf") == 4 and "foreign_origin" in session.events()
     # The right token through the HTML form is accepted and moves to the next pair.
     response = client.post("/vote", data=form, follow_redirects=False)
     assert response.status_code == 303 and response.headers["location"] == "/"
@@ -183,6 +185,7 @@ def test_repeated_vote_is_409_and_stored_once(session):
     (json.dumps({"pair_id": "x", "choice": "a", "rating_a": 7}).encode(), 422),
     (json.dumps({"pair_id": "x", "choice": "a", "rating_b": True}).encode(), 422),
     (json.dumps({"pair_id": "../../x", "choice": "a"}).encode(), 422),
+    (b'{"pair_id": "' + b"x" * 20000 + b'", "choice": "a"}', 413),
 ])
 def test_malformed_vote_bodies_are_4xx_with_a_json_message(session, body, status):
     client = session.client("alice")

@@ -43,6 +43,7 @@ from musicrl_jax.listening.summary import format_summary, summarize
 
 SESSION_COOKIE = "listening_session"
 CSRF_HEADER = "x-csrf-token"
+MAX_BODY_BYTES = 16 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +188,7 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
         if origin and urllib.parse.urlsplit(origin).netloc != request.headers.get("host"):
             raise Refused(403, "cross-site request refused", "foreign_origin", listener_id,
                           f"origin {origin}")
-        if not isinstance(supplied, str) or not secrets.compare_digest(supplied, expected):
+        if not isinstance(supplied, str) or not _same_secret(supplied, expected):
             raise Refused(403, "missing or wrong CSRF token: reload the page", "bad_csrf",
                           listener_id)
 
@@ -293,7 +294,11 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
 
     @app.post("/api/vote", status_code=201)
     async def api_vote(request: Request):
-        body = await request.body()
+        body = b""
+        async for chunk in request.stream():  # capped: a vote is a few dozen bytes
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise Refused(413, f"body larger than {MAX_BODY_BYTES} bytes")
 
         def handle():
             listener_id, csrf_token = listener(request)
@@ -324,7 +329,7 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
     @app.get("/admin")
     def admin(request: Request, format: str = "html"):
         supplied = _admin_credential(request.headers.get("authorization", ""))
-        if supplied is None or not secrets.compare_digest(supplied, settings.admin_token):
+        if supplied is None or not _same_secret(supplied, settings.admin_token):
             if failure_buckets.take(f"ip:{_client(request)}") > 0:
                 raise Refused(429, "too many failed attempts", "rate_limited_admin",
                               headers={"Retry-After": "60"})
@@ -340,6 +345,11 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
                             headers={"Cache-Control": "no-store"})
 
     return app
+
+
+def _same_secret(supplied: str, expected: str) -> bool:
+    # Bytes: compare_digest raises on non-ASCII str, and a client must not turn that into a 500.
+    return secrets.compare_digest(supplied.encode("utf-8", "replace"), expected.encode())
 
 
 def jsonable_errors(exc: RequestValidationError) -> list:
