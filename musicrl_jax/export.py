@@ -51,47 +51,22 @@ import numpy as np
 from flax import traverse_util
 
 from musicrl_jax import decoding, generate, partitioning
-from musicrl_jax.checkpoints import Checkpointer
 from musicrl_jax.errors import ConfigError
 from musicrl_jax.models import music_lm
-from musicrl_jax.training import reward_tasks, rl_finetune
+from musicrl_jax.training import rl_finetune
 
-POLICY_KINDS = ("music_lm", "music_rl")
 
 
 # --- restoring the policy ----------------------------------------------------------------------
 
-def checkpoint_meta(checkpoint_dir: str, step: int | None = None) -> tuple[str, int, dict]:
-    """(checkpoints directory, step, the meta item: kind and operative gin config)."""
-    directory = reward_tasks.checkpoint_directory(checkpoint_dir, "policy")
-    checkpointer = Checkpointer(directory)
-    try:
-        step = checkpointer.latest_step() if step is None else step
-        if step is None:
-            raise ConfigError(f"No complete checkpoint in {directory}. Fix: point "
-                              "--checkpoint_dir at a stage's checkpoints/ directory.")
-        meta = checkpointer.meta(step)
-    finally:
-        checkpointer.close()
-    if meta.get("kind") not in POLICY_KINDS:
-        raise ConfigError(f"Checkpoint {directory} (step {step}) holds a {meta.get('kind')!r} "
-                          f"model, not a policy ({' or '.join(POLICY_KINDS)}). Fix: export the "
-                          "pretrain stage's or an RL run's checkpoints.")
-    return directory, step, meta
-
-
 def restore_policy_params(checkpoint_dir: str, config: music_lm.MusicLMConfig,
                           step: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """The policy's params as a flat {'/'-joined name: numpy array} dict, and where they came
-    from ({'checkpoint_dir', 'kind', 'step'}); a pretrain (TrainState) or RL (RLState)
-    checkpoint, told apart by the kind its meta records."""
-    directory, step, meta = checkpoint_meta(checkpoint_dir, step)
+    from ({'checkpoint_dir', 'kind', 'step'}); a pretrain or RL checkpoint."""
+    directory, step, meta = rl_finetune.policy_checkpoint(checkpoint_dir, step)
     # One device whatever mesh the checkpoint was written from: Orbax reshards on restore.
     mesh = partitioning.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
-    # An RLState holds `beta` besides the TrainState fields: the RL stage's layout.
-    make_state = rl_finetune._rl_state if meta["kind"] == "music_rl" else None
-    params = reward_tasks.restore_params(lambda rng: music_lm.init_params(config, rng),
-                                         meta["kind"], directory, mesh, step, make_state=make_state)
+    params = rl_finetune.restore_policy_params(config, directory, mesh, step)
     flat = traverse_util.flatten_dict(jax.device_get(partitioning.unbox(params)), sep="/")
     return ({name: np.asarray(value) for name, value in flat.items()},
             {"checkpoint_dir": directory, "kind": meta["kind"], "step": int(step)})
@@ -268,7 +243,7 @@ def parse_args(argv):
 
 
 def run(args) -> dict:
-    _, _, meta = checkpoint_meta(args.checkpoint_dir, args.step)
+    _, _, meta = rl_finetune.policy_checkpoint(args.checkpoint_dir, args.step)
     config, sampling = _parse_model_config(args.gin_config, meta.get("gin", ""),
                                            args.gin_bindings)
     params, source = restore_policy_params(args.checkpoint_dir, config, args.step)

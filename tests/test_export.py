@@ -204,5 +204,5 @@ def test_missing_artifact_cli_exits_2_without_traceback(tmp_path):
 
 def test_export_refuses_a_reward_model_checkpoint(tmp_path, tiny_params):
     _save_checkpoint(str(tmp_path / "checkpoints"), {"params": tiny_params}, "text_reward")
-    with pytest.raises(ConfigError, match="holds a 'text_reward' model, not a policy"):
+    with pytest.raises(ConfigError, match="holds a 'text_reward' checkpoint, not a music LM policy"):
         export.restore_policy_params(str(tmp_path), TINY)

@@ -31,28 +31,40 @@ from musicrl_jax.training.trainer import eval_history
 POLICY_KINDS = ("music_lm", "music_rl")
 
 
-def restore_policy_params(lm_config: music_lm.MusicLMConfig, path: str, mesh=None):
-    """The LM params of a pretraining (`music_lm`) or RL (`music_rl`) checkpoint (a run
-    directory or its checkpoints/), sharded on `mesh` by the logical rules."""
+def policy_checkpoint(path: str, step: int | None = None) -> tuple[str, int, dict[str, Any]]:
+    """(checkpoints directory, step (default: latest), its meta item: kind and gin config) of a
+    policy checkpoint: a pretraining (`music_lm`) or RL (`music_rl`) run or its checkpoints/."""
     directory = reward_tasks.checkpoint_directory(path, "policy")
     probe = Checkpointer(directory)
     try:
-        if probe.latest_step() is None:
+        step = probe.latest_step() if step is None else step
+        if step is None:
             raise ConfigError(f"No complete checkpoint in {directory}. Fix: train the stage "
-                              "that writes it (pretraining, or MusicRL-R for MusicRL-RU) first.")
-        kind = probe.meta().get("kind")
+                              "that writes it (pretraining, or MusicRL-R for MusicRL-RU) first, "
+                              "or correct the path.")
+        meta = probe.meta(step)
     finally:
         probe.close()
-    if kind not in POLICY_KINDS:
-        raise ConfigError(f"{directory} holds a {kind!r} checkpoint, not a music LM policy "
-                          f"({' or '.join(POLICY_KINDS)}). Fix: point init_checkpoint / "
-                          "reference_checkpoint at a pretraining or RL run directory.")
+    if meta.get("kind") not in POLICY_KINDS:
+        raise ConfigError(f"{directory} (step {step}) holds a {meta.get('kind')!r} checkpoint, "
+                          f"not a music LM policy ({' or '.join(POLICY_KINDS)}). Fix: point at "
+                          "a pretraining or RL run directory.")
+    return directory, step, meta
+
+
+def restore_policy_params(lm_config: music_lm.MusicLMConfig, path: str, mesh=None,
+                          step: int | None = None):
+    """The LM params of a policy checkpoint (see `policy_checkpoint`), sharded on `mesh` by the
+    logical rules."""
+    directory, step, meta = policy_checkpoint(path, step)
     init = functools.partial(music_lm.init_params, lm_config)
-    make_state = _rl_state if kind == "music_rl" else None
-    return reward_tasks.restore_params(init, kind, directory, mesh, make_state=make_state)
+    make_state = rl_state_layout if meta["kind"] == "music_rl" else None
+    return reward_tasks.restore_params(init, meta["kind"], directory, mesh, step,
+                                       make_state=make_state)
 
 
-def _rl_state(params, opt_state) -> rl.RLState:
+def rl_state_layout(params, opt_state) -> rl.RLState:
+    """The RLState a `music_rl` checkpoint holds (`reward_tasks.restore_params`' make_state)."""
     return rl.RLState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
                       beta=jnp.zeros((), jnp.float32))
 
