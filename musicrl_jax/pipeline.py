@@ -1,9 +1,12 @@
 """`make demo`: the MusicRL recipe end to end at toy scale, every output under one run directory.
 
-Stages so far: build the music data (corpus, tokenizer, caption vocabulary, TFDS; cached in the
-data directory), pretrain the music LM, sample clips for held-out captions with the KV-cache
-sampler and decode them to WAV. Each stage resumes from its own checkpoints or caches, so
-rerunning the demo continues work.
+Stages: build the music data (corpus, tokenizer, caption vocabulary, TFDS; cached in the data
+directory); pretrain the music LM; train the text-adherence reward; the rater panel rates and
+compares the pretrained LM's clips and the quality and preference rewards train on that
+feedback; RL fine-tuning (MusicRL-R, -U, -RU); the held-out raters compare every policy with the
+pretrained LM; the MusicRL-RU policy is exported for serving and generated from in a fresh
+process; samples are decoded to WAV and `report.md` sums it up. Each stage resumes from its own
+checkpoints or caches, so rerunning the demo continues work.
 """
 
 from __future__ import annotations
@@ -141,6 +144,42 @@ def rl_stages(run_dir: str, assets_dir: str, lm_config, reward_tasks: dict,
     return results
 
 
+def serve_stage(run_dir: str, assets_dir: str, lm_config, policy_name: str, policy_params,
+                captions: list[str], seed: int) -> dict:
+    """Exports a policy checkpoint for serving and generates from the artifact in fresh
+    processes (`python -m musicrl_jax.export` / `generate`, as a user would), then checks that
+    the artifact's codes equal `decoding.sample` from the checkpoint's params with that seed."""
+    import shutil
+    import subprocess
+    import sys
+    out = os.path.join(run_dir, "export")
+    artifact, generated = os.path.join(out, policy_name), os.path.join(out, "generated")
+    shutil.rmtree(out, ignore_errors=True)  # re-exported from the (resumed) checkpoint
+    os.makedirs(out)
+    captions_file = os.path.join(out, "captions.txt")
+    with open(captions_file, "w") as f:
+        f.write("\n".join(captions) + "\n")
+    for command in (
+            ["-m", "musicrl_jax.export", "--checkpoint_dir", os.path.join(run_dir, policy_name),
+             "--assets_dir", assets_dir, "--out", artifact, "--batch_size", str(len(captions))],
+            ["-m", "musicrl_jax.generate", "--artifact", artifact, "--captions_file",
+             captions_file, "--out_dir", generated, "--seed", str(seed)]):
+        done = subprocess.run([sys.executable, *command], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"`python {' '.join(command)}` failed (exit {done.returncode}):\n"
+                               f"{done.stderr[-3000:]}")
+    served = np.load(os.path.join(generated, "codes.npz"))
+    tokens = served["caption_tokens"]
+    expected = decoding.sample(lm_config, policy_params, tokens,
+                               decoding.example_rngs(jax.random.PRNGKey(seed), len(tokens)),
+                               num_frames=served["codes"].shape[1])["codes"]
+    size = sum(os.path.getsize(os.path.join(root, name))
+               for root, _, names in os.walk(artifact) for name in names)
+    return {"artifact": artifact, "generated": generated, "bytes": size,
+            "identical": bool(np.array_equal(np.asarray(expected), served["codes"])),
+            "num_captions": len(tokens)}
+
+
 RL_DISPLAY_NAMES = {"musicrl_r": "MusicRL-R", "musicrl_u": "MusicRL-U",
                     "musicrl_ru": "MusicRL-RU"}
 
@@ -153,7 +192,7 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
          num_raters: int = 40, num_ratings: int = 256, num_preference_pairs: int = 256,
          collect_batch_size: int = 32, num_eval_captions: int = 32,
          num_sample_captions: int = 8, sample_frames: int | None = None,
-         rl_experiments: dict[str, dict] | None = None,
+         rl_experiments: dict[str, dict] | None = None, export_policy: str = "musicrl_ru",
          sampling=decoding.SamplingConfig(), seed: int = 0):
     """Runs the recipe's stages in order. Tasks are factories, called after the data stage so
     that their sources read the freshly built data."""
@@ -237,6 +276,14 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
             num_captions=min(num_eval_captions, len(eval_prompts.captions)),
             reward_models=reward_models, seed=seed)
 
+    serving = None
+    if assets and rl_results and export_policy:
+        name = export_policy if export_policy in rl_results else list(rl_results)[-1]
+        print(f"== export {name} for serving; generate from the artifact ==", flush=True)
+        serving = serve_stage(run_dir, assets, config, name, rl_results[name]["state"].params,
+                              caption_texts[:4], seed)
+        serving["name"] = RL_DISPLAY_NAMES.get(name, name)
+
     mesh = partitioning.make_mesh()
     report = [
         "# musicrl_jax demo report", "",
@@ -312,6 +359,16 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
             report += [(line.replace("## ", "### ", 1) if line.startswith("## ") else line)
                        .replace("](", "](evaluation/") for line in f.read().splitlines()[1:]]
         report.append("")
+    if serving:
+        report += [
+            f"## Serving export ({serving['name']})", "",
+            f"- artifact (jax.export StableHLO sampler + weights + tokenizer + vocabulary): "
+            f"`{os.path.relpath(serving['artifact'], run_dir)}`, "
+            f"{serving['bytes'] / 2**20:.1f} MiB",
+            f"- `python -m musicrl_jax.generate` in a fresh process, {serving['num_captions']} "
+            f"captions -> `{os.path.relpath(serving['generated'], run_dir)}/`; codes identical "
+            f"to sampling from the checkpoint with the same seed: "
+            f"**{'yes' if serving['identical'] else 'NO'}**", ""]
     report += [
         "## Samples from the pretrained LM", "",
         f"{len(captions)} held-out captions x {frames} frames x {config.num_codebooks} codebooks "
