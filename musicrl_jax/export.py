@@ -196,29 +196,32 @@ def export_policy(params: dict[str, np.ndarray], config: music_lm.MusicLMConfig,
 
 # --- CLI ---------------------------------------------------------------------------------------
 
-def _parse_model_config(gin_config: str | None, stored_gin: str, bindings: list[str]):
-    """MusicLMConfig (and the gin-bound SamplingConfig) from --gin_config, else the operative
-    config the checkpoint stored, plus --gin_bindings."""
+def _parse_model_config(gin_config: str | None, meta: dict, bindings: list[str]):
+    """MusicLMConfig and the gin-bound SamplingConfig: from --gin_config if given, else the
+    model config the checkpoint recorded in its meta (older checkpoints: the MusicLMConfig
+    bindings of its stored operative gin config); --gin_bindings on top."""
     import gin
 
     from musicrl_jax import main as entry_point
 
     if gin_config:
         entry_point.parse_gin([gin_config], bindings)
-    else:
-        if "MusicLMConfig." not in stored_gin:
-            raise ConfigError(
-                "The checkpoint's stored gin config does not bind MusicLMConfig (the model was "
-                "configured in Python). Fix: pass --gin_config with the MusicLMConfig bindings "
-                "it was trained with (e.g. the stage's config.gin).")
-        importlib.import_module("musicrl_jax.registry")  # registers every configurable
-        try:
-            gin.parse_config(stored_gin)
-        except (ValueError, SyntaxError) as err:
-            raise ConfigError(f"The checkpoint's stored gin config does not parse ({err}). "
-                              "Fix: pass --gin_config.") from err
-        entry_point.parse_gin([], bindings)
-    return music_lm.MusicLMConfig(), decoding.SamplingConfig()
+        return music_lm.MusicLMConfig(), decoding.SamplingConfig()
+    stored_gin, recorded = meta.get("gin", ""), meta.get("model_config")
+    if recorded is None and "MusicLMConfig." not in stored_gin:
+        raise ConfigError(
+            "The checkpoint records no model config and its stored gin config does not bind "
+            "MusicLMConfig (the model was configured in Python). Fix: pass --gin_config with "
+            "the MusicLMConfig bindings it was trained with (e.g. the stage's config.gin).")
+    importlib.import_module("musicrl_jax.registry")  # registers every configurable
+    try:
+        gin.parse_config(stored_gin)
+    except (ValueError, SyntaxError) as err:
+        raise ConfigError(f"The checkpoint's stored gin config does not parse ({err}). "
+                          "Fix: pass --gin_config.") from err
+    entry_point.parse_gin([], bindings)
+    config = music_lm.MusicLMConfig(**recorded) if recorded else music_lm.MusicLMConfig()
+    return config, decoding.SamplingConfig()
 
 
 def parse_args(argv):
@@ -244,8 +247,7 @@ def parse_args(argv):
 
 def run(args) -> dict:
     _, _, meta = rl_finetune.policy_checkpoint(args.checkpoint_dir, args.step)
-    config, sampling = _parse_model_config(args.gin_config, meta.get("gin", ""),
-                                           args.gin_bindings)
+    config, sampling = _parse_model_config(args.gin_config, meta, args.gin_bindings)
     params, source = restore_policy_params(args.checkpoint_dir, config, args.step)
     top_k = sampling.top_k if args.top_k is None else args.top_k
     return export_policy(params, config, args.out, assets_dir=args.assets_dir,

@@ -289,6 +289,11 @@ def test_train_rl_logs_evaluates_writes_audio_and_resumes_identically(
         wavs = sorted((tmp_path / "straight" / "samples" / f"step_{step:06d}").glob("*.wav"))
         assert len(wavs) == 2 and all(w.stat().st_size > 1000 for w in wavs)
     assert list((tmp_path / "straight" / "tensorboard").glob("events.out.tfevents.*"))
+    # The checkpoint records the model config, so an export needs nothing else.
+    from musicrl_jax.checkpoints import Checkpointer
+    meta = Checkpointer(str(tmp_path / "straight" / "checkpoints")).meta()
+    assert music_lm.MusicLMConfig(**meta["model_config"]) == tiny_config
+    assert meta["kind"] == "music_rl"
     # The caller's params (the reference) are untouched by the donated steps.
     assert np.isfinite(np.asarray(jax.tree.leaves(tiny_params)[0])).all()
     with pytest.raises(ConfigError, match="tokenizer_dir"):

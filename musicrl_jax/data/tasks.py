@@ -131,8 +131,23 @@ def _rename(ds, required=("caption", "clip_id")):
     return seqio.preprocessors.rekey(ds, key_map=key_map)
 
 
+def _ensure_registered(task_name: str) -> None:
+    """Registers the tasks from the gin-bound data directory (data/music.gin) on first use, so
+    a stage run on its own finds the data the data stage built."""
+    if task_name in seqio.TaskRegistry.names():
+        return
+    try:
+        register_tasks()
+    except RuntimeError as err:  # gin: register_tasks.data_dir is not bound
+        raise ConfigError(f"seqio task {task_name!r} is not registered and "
+                          "register_tasks.data_dir is not set. Fix: include 'data/music.gin' "
+                          "(or bind register_tasks.data_dir) after building the data with "
+                          "`python -m musicrl_jax.data.build`.") from err
+
+
 def _task_numpy(task_name, split, lengths, per_host, converter=None):
     import jax
+    _ensure_registered(task_name)
     shard_info = (seqio.ShardInfo(jax.process_index(), jax.process_count())
                   if per_host and jax.process_count() > 1 else None)
     try:

@@ -441,6 +441,7 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(abstract_like(state, state_shardings))
     start = int(state.step)
+    model_meta = {"model_config": dataclasses.asdict(lm_config)}  # export reads it
 
     eval_fn = eval_captions = None
     if eval_source is not None and eval_every:
@@ -518,7 +519,8 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
                 if eval_fn and (done % eval_every == 0 or done == num_steps):
                     run_eval(done)
                     tick, last_logged = time.perf_counter(), done
-                checkpointer.save(done, state, force=done == num_steps or preemption.requested)
+                checkpointer.save(done, state, meta=model_meta,
+                                  force=done == num_steps or preemption.requested)
                 progress.update(1)
                 if preemption.requested:
                     logging.warning("SIGTERM: saved RL step %d, stopping.", done)

@@ -7,6 +7,7 @@ NaN/Inf detection, Orbax checkpoints with automatic resume, CLU metric writers a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -221,6 +222,9 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
         state = checkpointer.restore(abstract_like(state), start)
         logging.info("Resumed from step %d in %s", start, workdir)
     start = int(state.step)
+    config = getattr(task, "config", None)
+    model_meta = ({"model_config": dataclasses.asdict(config)}  # what export rebuilds it from
+                  if dataclasses.is_dataclass(config) else None)
 
     example = task.train_source.train_batch(0, partitioning.host_local_batch_size(batch_size))
     with partitioning.mesh_context(mesh, rules):
@@ -284,7 +288,8 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
                 if eval_every and (done % eval_every == 0 or done == num_steps):
                     eval_metrics = run_eval(done)
                     tick, last_logged = time.perf_counter(), done
-                checkpointer.save(done, state, force=done == num_steps or preemption.requested)
+                checkpointer.save(done, state, meta=model_meta,
+                                  force=done == num_steps or preemption.requested)
                 progress.update(1)
                 if preemption.requested:
                     logging.warning("SIGTERM: saved step %d, stopping.", done)
