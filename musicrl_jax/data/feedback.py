@@ -35,6 +35,7 @@ from typing import Any, Iterable
 import gin
 import numpy as np
 
+from musicrl_jax import jsonl
 from musicrl_jax.data import toy
 from musicrl_jax.data.sources import ArraySource
 from musicrl_jax.errors import ConfigError
@@ -112,17 +113,8 @@ def validate_record(record: dict[str, Any], kind: str, where: str) -> dict[str, 
 # --- reading and writing shards -------------------------------------------------------------------
 
 def _jsonl_records(path: str, kind: str) -> Iterable[dict]:
-    with open(path) as f:
-        for line_number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {line_number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{where}: not valid JSON ({err.msg} at column {err.colno}). "
-                                  "Fix: one JSON object per line.") from err
-            yield validate_record(record, kind, where)
+    for where, record in jsonl.read_objects(path):
+        yield validate_record(record, kind, where)
 
 
 def _npz_records(path: str, kind: str) -> Iterable[dict]:

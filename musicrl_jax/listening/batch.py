@@ -32,6 +32,7 @@ from typing import Sequence
 
 import numpy as np
 
+from musicrl_jax import jsonl
 from musicrl_jax.errors import ConfigError
 
 FORMAT = "musicrl-listening-batch/1"
@@ -231,20 +232,11 @@ def read_captions(path: str) -> tuple[list[str], list[list[int] | None]]:
     if not os.path.exists(path):
         raise ConfigError(f"--captions {path}: no such file.")
     captions, tokens = [], []
-    with open(path) as f:
-        lines = [(n, line.rstrip("\n")) for n, line in enumerate(f, 1) if line.strip()]
-    jsonl = path.endswith(".jsonl")
-    for line_number, line in lines:
-        if not jsonl:
-            captions.append(line.strip())
-            tokens.append(None)
-            continue
-        where = f"{path}, line {line_number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{where}: not valid JSON ({err.msg}). Fix: one JSON object per "
-                              "line with a 'caption' field.") from err
+    if not path.endswith(".jsonl"):
+        with open(path) as f:
+            captions = [line.strip() for line in f if line.strip()]
+        return captions, [None] * len(captions)
+    for where, record in jsonl.read_objects(path):
         if not isinstance(record, dict) or not isinstance(record.get("caption"), str):
             raise ConfigError(f"{where}: field 'caption' (a string) is missing. Fix: one "
                               'object per line like {"caption": "...", "caption_tokens": [..]}.')
