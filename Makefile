@@ -7,18 +7,24 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # Tests shard over 8 virtual CPU devices so every sharding path runs.
 TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: install system-deps demo test bench clean
+APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
+  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq
+
+.PHONY: install system-deps browser-deps demo test bench clean
 
 install: system-deps $(VENV)/.installed
 
 system-deps:
-	@if ! command -v fluidsynth >/dev/null || [ ! -f /usr/share/sounds/sf2/TimGM6mb.sf2 ] || \
-	    ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
-	  echo "Installing FluidSynth, a General MIDI soundfont and headless Chromium (apt-get)"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq fluidsynth timgm6mb-soundfont \
-	    chromium chromium-driver; \
+	@if ! command -v fluidsynth >/dev/null || [ ! -f /usr/share/sounds/sf2/TimGM6mb.sf2 ]; then \
+	  echo "Installing FluidSynth and a General MIDI soundfont (apt-get)"; \
+	  $(APT_INSTALL) fluidsynth timgm6mb-soundfont; \
+	fi
+
+# Headless Chromium for the listening page's browser test only (not needed to train or serve).
+browser-deps:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  echo "Installing headless Chromium and chromedriver for the browser test (apt-get)"; \
+	  $(APT_INSTALL) chromium chromium-driver; \
 	fi
 
 $(VENV)/.installed: setup.py requirements.lock
@@ -31,7 +37,7 @@ $(VENV)/.installed: setup.py requirements.lock
 demo: install
 	$(PY) -m musicrl_jax.main --gin_file=local/demo.gin --gin_bindings="RUN_DIR='$(RUN_DIR)'"
 
-test: install
+test: install browser-deps
 	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q --durations=15 tests
 
 bench: install

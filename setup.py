@@ -35,10 +35,9 @@ setup(
         "uvicorn==0.54.0",
         "python-multipart==0.0.34",
         "httpx==0.28.1",
-        "selenium==4.51.0",
     ],
     extras_require={
-        "test": ["pytest==9.2.0"],
+        "test": ["pytest==9.2.0", "selenium==4.51.0"],
         # Benchmark-only comparisons (kept out of the main install).
         "bench": ["torch==2.13.0", "transformers==5.23.0"],
     },
