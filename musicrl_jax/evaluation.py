@@ -503,21 +503,14 @@ def _write_reports(out_dir, result, header, rows, audio, prompts_shown, plots):
         f.write("\n".join(parts) + "\n")
 
 
-def _write_audio(out_dir, model, prefix, tokenizer, sampled, count):
+def _write_audio(out_dir, prefix, tokenizer, sampled, count):
+    """WAVs of what the raters heard (after any audio_transform), decoded once in sampling."""
     from musicrl_jax.audio import listen
-    from musicrl_jax.audio.synthesis import finish_clip, write_wav
+    from musicrl_jax.audio.synthesis import finish_clip
     audio_dir = os.path.join(out_dir, "audio")
     os.makedirs(audio_dir, exist_ok=True)
-    if count <= 0:
-        return []
-    if model.audio_transform is None:
-        return listen.codes_to_wavs(tokenizer, sampled["codes"][:count], audio_dir, prefix)
-    paths = []  # what the raters heard: the transformed waveforms
-    for i, w in enumerate(sampled["waveforms"][:count]):
-        path = os.path.join(audio_dir, f"{prefix}_{i:03d}.wav")
-        write_wav(path, finish_clip(w, tokenizer.sample_rate), tokenizer.sample_rate)
-        paths.append(path)
-    return paths
+    clips = [finish_clip(w, tokenizer.sample_rate) for w in sampled["waveforms"][:count]]
+    return listen.write_wavs(clips, tokenizer.sample_rate, audio_dir, prefix)
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,7 +589,7 @@ def evaluate_models(models: Sequence[ModelUnderTest], reference: ModelUnderTest,
                    reward_names)
     slugs = [_slug(n) for n in names]  # unique file prefixes even when two names slug alike
     prefixes = [s if slugs.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(slugs)]
-    audio = {m.name: _write_audio(out_dir, m, prefix, tokenizer, sampled[m.name],
+    audio = {m.name: _write_audio(out_dir, prefix, tokenizer, sampled[m.name],
                                   min(num_audio_examples, num_captions))
              for m, prefix in zip(systems, prefixes)}
     header, rows = _table_rows(names, matrix, low, high, details, rewards, reward_names, kl,

@@ -20,21 +20,29 @@ from musicrl_jax.audio.tokenizer import AudioTokenizer, load_tokenizer
 from musicrl_jax.errors import ConfigError
 
 
-def codes_to_wavs(tokenizer: AudioTokenizer, codes: np.ndarray, out_dir: str,
-                  prefix: str = "clip") -> list[str]:
-    """codes [batch, frames, K] -> one peak-normalised WAV per sequence; returns the paths."""
+def decode_clips(tokenizer: AudioTokenizer, codes: np.ndarray) -> np.ndarray:
+    """codes [batch, frames, K] -> peak-normalised waveforms [batch, samples] in [-1, 1]."""
     codes = np.asarray(codes)
     if codes.ndim == 2:
         codes = codes[None]
     if codes.ndim != 3 or codes.shape[-1] != tokenizer.num_codebooks:
         raise ConfigError(f"codes of shape {codes.shape} do not fit the tokenizer: expected "
                           f"[batch, frames, {tokenizer.num_codebooks}].")
-    paths = []
-    for i, waveform in enumerate(tokenizer.decode(codes)):
-        path = os.path.join(out_dir, f"{prefix}_{i:03d}.wav")
-        write_wav(path, finish_clip(waveform, tokenizer.sample_rate), tokenizer.sample_rate)
-        paths.append(path)
+    return np.stack([finish_clip(w, tokenizer.sample_rate) for w in tokenizer.decode(codes)])
+
+
+def write_wavs(waveforms: np.ndarray, sample_rate: int, out_dir: str,
+               prefix: str = "clip") -> list[str]:
+    paths = [os.path.join(out_dir, f"{prefix}_{i:03d}.wav") for i in range(len(waveforms))]
+    for path, waveform in zip(paths, waveforms):
+        write_wav(path, waveform, sample_rate)
     return paths
+
+
+def codes_to_wavs(tokenizer: AudioTokenizer, codes: np.ndarray, out_dir: str,
+                  prefix: str = "clip") -> list[str]:
+    """codes [batch, frames, K] -> one peak-normalised WAV per sequence; returns the paths."""
+    return write_wavs(decode_clips(tokenizer, codes), tokenizer.sample_rate, out_dir, prefix)
 
 
 def round_trip_wav(tokenizer: AudioTokenizer, wav_path: str, out_dir: str) -> tuple[str, str]:

@@ -39,9 +39,7 @@ gradient at pi = pi_old equals the REINFORCE gradient, so updates_per_batch=1 is
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import time
 from typing import Any, Callable
 
 import flax
@@ -58,7 +56,8 @@ from musicrl_jax.checkpoints import Checkpointer, abstract_like
 from musicrl_jax.decoding import SamplingConfig
 from musicrl_jax.errors import ConfigError
 from musicrl_jax.models import music_lm
-from musicrl_jax.training.trainer import check_finite, make_optimizer
+from musicrl_jax.training.trainer import (PreemptionFlag, RunLog, check_finite, make_optimizer,
+                                          write_operative_config)
 
 BASELINES = ("none", "batch_mean", "rloo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -378,13 +377,11 @@ class AudioLog:
 
     def __call__(self, step: int, codes) -> list[str]:
         from musicrl_jax.audio import listen
-        codes = np.asarray(codes)[:self.count]
-        paths = listen.codes_to_wavs(self.tokenizer, codes, os.path.join(
-            self.out_dir, f"step_{step:06d}"), prefix="sample")
-        waveforms = np.clip(self.tokenizer.decode(codes), -1.0, 1.0)[..., None]
-        self.writer.write_audios(step, {"samples": waveforms},
-                                 sample_rate=self.tokenizer.sample_rate)
-        return paths
+        clips = listen.decode_clips(self.tokenizer, np.asarray(codes)[:self.count])
+        rate = self.tokenizer.sample_rate
+        self.writer.write_audios(step, {"samples": clips[..., None]}, sample_rate=rate)
+        return listen.write_wavs(clips, rate, os.path.join(self.out_dir, f"step_{step:06d}"),
+                                 prefix="sample")
 
 
 @gin.configurable
@@ -412,10 +409,6 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
     `num_audio_samples` of those clips as WAV (`workdir/samples/`) and TensorBoard audio
     (needs `tokenizer_dir`). SIGTERM saves a checkpoint and stops.
     Returns {'step', 'train': last metrics, 'eval': {step: eval metrics}, 'state'}."""
-    from clu import metric_writers
-    from tqdm import tqdm
-
-    from musicrl_jax.training.trainer import PreemptionFlag, write_operative_config
 
     rl_config = rl_config or RLConfig()
     mesh = partitioning.make_mesh() if mesh is None else mesh
@@ -455,24 +448,15 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
                                             partitioning.batch_sharding(mesh, 2), replicated),
                               out_shardings=replicated)
 
-    is_main = jax.process_index() == 0
-    writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"),
-                                                  just_logging=not is_main)
-    audio_log = (AudioLog(tokenizer_dir, os.path.join(workdir, "samples"), writer,
-                          num_audio_samples) if audio_every and is_main else None)
-    metrics_log = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_main else None
-    progress = tqdm(total=num_steps, initial=start, desc="RL fine-tuning",
-                    disable=not (show_progress and is_main), dynamic_ncols=True)
+    log = RunLog(workdir, total=num_steps, initial=start, desc="RL fine-tuning",
+                 show_progress=show_progress)
+    audio_log = (AudioLog(tokenizer_dir, os.path.join(workdir, "samples"), log.writer,
+                          num_audio_samples) if audio_every and log.is_main else None)
     samples_per_step = captions_per_step * rl_config.samples_per_caption
     tokens_per_sample = rl_config.num_frames * lm_config.num_codebooks
     local = partitioning.host_local_batch_size(captions_per_step)
     last: dict[str, float] = {}
     evals: dict[int, dict[str, float]] = {}
-
-    def log(step, record):
-        if metrics_log:
-            metrics_log.write(json.dumps({"step": step, **record}) + "\n")
-            metrics_log.flush()
 
     def run_eval(done):
         with partitioning.mesh_context(mesh, rules):
@@ -482,11 +466,8 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
         metrics = metrics_to_host(metrics)
         check_finite(metrics, done, "RL evaluation")
         evals[done] = metrics
-        writer.write_scalars(done, {f"eval/{k}": v for k, v in metrics.items()})
-        log(done, {"eval": metrics})
-        if is_main and show_progress:
-            progress.write(f"[rl] step {done}: held-out " +
-                           ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        log.record(done, metrics, "eval")
+        log.say(f"[rl] step {done}: held-out ", metrics)
         if audio_log and (done % audio_every == 0 or done == num_steps):
             audio_log(done, jax.device_get(codes))
 
@@ -494,7 +475,7 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
         with partitioning.mesh_context(mesh, rules), PreemptionFlag() as preemption:
             if eval_fn and start == 0:
                 run_eval(0)
-            tick, last_logged = time.perf_counter(), start
+            log.restart_clock(start)
             for step in range(start, num_steps):
                 captions = caption_source.train_batch(step, local)["caption_tokens"]
                 captions = partitioning.shard_batch(
@@ -505,32 +486,25 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
                 if done % log_every == 0 or done == num_steps or done == start + 1:
                     last = metrics_to_host(metrics)
                     check_finite(last, done, "RL fine-tuning")
-                    now = time.perf_counter()
-                    last["samples_per_sec"] = (samples_per_step * (done - last_logged)
-                                               / max(now - tick, 1e-9))
+                    last["samples_per_sec"] = samples_per_step * log.steps_per_sec(done)
                     last["tokens_per_sec"] = last["samples_per_sec"] * tokens_per_sample
-                    tick, last_logged = now, done
-                    writer.write_scalars(done, {f"train/{k}": v for k, v in last.items()})
-                    log(done, last)
-                    progress.set_postfix(reward=f"{last['reward_mean']:.3f}",
+                    log.record(done, last)
+                    log.progress.set_postfix(reward=f"{last['reward_mean']:.3f}",
                                          kl=f"{last['kl']:.2f}")
                 if done == start + 1:
                     write_operative_config(workdir)
                 if eval_fn and (done % eval_every == 0 or done == num_steps):
                     run_eval(done)
-                    tick, last_logged = time.perf_counter(), done
+                    log.restart_clock(done)
                 checkpointer.save(done, state, meta=model_meta,
                                   force=done == num_steps or preemption.requested)
-                progress.update(1)
+                log.progress.update(1)
                 if preemption.requested:
                     logging.warning("SIGTERM: saved RL step %d, stopping.", done)
                     break
     finally:
-        progress.close()
+        log.close()
         checkpointer.close()
-        writer.flush()
-        if metrics_log:
-            metrics_log.close()
     return {"step": int(state.step), "train": last, "eval": evals, "state": state}
 
 

@@ -95,7 +95,7 @@ def rl_finetune(lm_config=gin.REQUIRED, init_checkpoint: str = gin.REQUIRED,
                                  != os.path.abspath(init_checkpoint)):
         reference = restore_policy_params(lm_config, reference_checkpoint, mesh)
     combination = rewards()
-    extra = {"tokenizer_dir": tokenizer_dir} if tokenizer_dir else {}
+    extra = {"tokenizer_dir": tokenizer_dir} if tokenizer_dir else {}  # else gin's binding
     result = rl.train_rl(
         lm_config=lm_config, policy_params=policy, reference_params=reference,
         reward_fn=combination.reward_fn, reward_params=combination.params,

@@ -190,6 +190,50 @@ def write_operative_config(workdir: str):
             f.write(gin.operative_config_str())
 
 
+class RunLog:
+    """What every training loop records: `metrics.jsonl` and TensorBoard scalars (written by
+    process 0), a progress bar, and throughput over the steps since the last reading."""
+
+    def __init__(self, workdir: str, *, total: int, initial: int, desc: str,
+                 show_progress: bool = True):
+        self.is_main = jax.process_index() == 0
+        self.writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"),
+                                                           just_logging=not self.is_main)
+        self._file = open(os.path.join(workdir, "metrics.jsonl"), "a") if self.is_main else None
+        self._show = show_progress and self.is_main
+        self.progress = tqdm(total=total, initial=initial, desc=desc, disable=not self._show,
+                             dynamic_ncols=True)
+        self.restart_clock(initial)
+
+    def restart_clock(self, step: int) -> None:
+        """Throughput counts from here (call after work that is not training, e.g. eval)."""
+        self._tick, self._since = time.perf_counter(), step
+
+    def steps_per_sec(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = (step - self._since) / max(now - self._tick, 1e-9)
+        self._tick, self._since = now, step
+        return rate
+
+    def record(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
+        """TensorBoard `kind/name` scalars; a jsonl row (train metrics flat, others nested)."""
+        self.writer.write_scalars(step, {f"{kind}/{k}": v for k, v in metrics.items()})
+        if self._file:
+            row = {"step": step, **metrics} if kind == "train" else {"step": step, kind: metrics}
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+
+    def say(self, label: str, metrics: dict[str, float]) -> None:
+        if self._show:
+            self.progress.write(label + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+    def close(self) -> None:
+        self.progress.close()
+        self.writer.flush()
+        if self._file:
+            self._file.close()
+
+
 @gin.configurable
 def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 100, batch_size: int = 32,
           grad_accum_steps: int = 1, eval_every: int = 50, eval_batch_size: int | None = None,
@@ -234,12 +278,8 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
     flops = getattr(task, "flops_per_example", None)
     flops_per_step = flops(example) * batch_size if flops else None
 
-    is_main = jax.process_index() == 0
-    writer = metric_writers.create_default_writer(os.path.join(workdir, "tensorboard"),
-                                                  just_logging=not is_main)
-    metrics_log = open(os.path.join(workdir, "metrics.jsonl"), "a") if is_main else None
-    progress = tqdm(total=num_steps, initial=start, desc=f"train {task.kind}",
-                    disable=not (show_progress and is_main), dynamic_ncols=True)
+    log = RunLog(workdir, total=num_steps, initial=start, desc=f"train {task.kind}",
+                 show_progress=show_progress)
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
 
@@ -247,13 +287,8 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
         metrics = evaluate(eval_step, state.params, task.eval_source, eval_batch_size, mesh,
                            eval_max_batches)
         check_finite(metrics, done, "evaluation")
-        writer.write_scalars(done, {f"eval/{k}": v for k, v in metrics.items()})
-        if is_main and show_progress:
-            progress.write(f"[{task.kind}] step {done}: eval " +
-                           ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-        if metrics_log:
-            metrics_log.write(json.dumps({"step": done, "eval": metrics}) + "\n")
-            metrics_log.flush()
+        log.record(done, metrics, "eval")
+        log.say(f"[{task.kind}] step {done}: eval ", metrics)
         return metrics
 
     local_batch = partitioning.host_local_batch_size(batch_size)
@@ -262,7 +297,7 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
         with partitioning.mesh_context(mesh, rules), PreemptionFlag() as preemption:
             if eval_at_start and eval_every and start == 0:
                 eval_metrics = run_eval(0)
-            tick, last_logged = time.perf_counter(), start
+            log.restart_clock(start)
             for step in range(start, num_steps):
                 batch = partitioning.shard_batch(task.train_source.train_batch(step, local_batch), mesh)
                 state, metrics = train_step(state, batch)
@@ -270,27 +305,22 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
                 if done % log_every == 0 or done == num_steps or done == start + 1:
                     train_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     check_finite(train_metrics, done)
-                    now = time.perf_counter()
-                    train_metrics["steps_per_sec"] = (done - last_logged) / max(now - tick, 1e-9)
-                    tick, last_logged = now, done
+                    train_metrics["steps_per_sec"] = log.steps_per_sec(done)
                     train_metrics["examples_per_sec"] = train_metrics["steps_per_sec"] * batch_size
                     if flops_per_step:
                         train_metrics["tflops_per_device"] = (
                             flops_per_step * train_metrics["steps_per_sec"] / jax.device_count() / 1e12)
                     train_metrics["learning_rate"] = float(schedule(step))
-                    writer.write_scalars(done, {f"train/{k}": v for k, v in train_metrics.items()})
-                    if metrics_log:
-                        metrics_log.write(json.dumps({"step": done, **train_metrics}) + "\n")
-                        metrics_log.flush()
-                    progress.set_postfix(loss=f"{train_metrics.get('loss', float('nan')):.4f}")
+                    log.record(done, train_metrics)
+                    log.progress.set_postfix(loss=f"{train_metrics.get('loss', float('nan')):.4f}")
                 if done == start + 1:
                     write_operative_config(workdir)
                 if eval_every and (done % eval_every == 0 or done == num_steps):
                     eval_metrics = run_eval(done)
-                    tick, last_logged = time.perf_counter(), done
+                    log.restart_clock(done)
                 checkpointer.save(done, state, meta=model_meta,
                                   force=done == num_steps or preemption.requested)
-                progress.update(1)
+                log.progress.update(1)
                 if preemption.requested:
                     logging.warning("SIGTERM: saved step %d, stopping.", done)
                     break
@@ -299,16 +329,9 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
         if hasattr(task, "heldout_metrics") and eval_every:
             heldout = {k: float(v) for k, v in task.heldout_metrics(state.params).items()}
             eval_metrics = {**eval_metrics, **heldout}
-            writer.write_scalars(step, {f"heldout/{k}": v for k, v in heldout.items()})
-            if metrics_log:
-                metrics_log.write(json.dumps({"step": step, "heldout": heldout}) + "\n")
-            if is_main and show_progress:
-                progress.write(f"[{task.kind}] held-out: " +
-                               ", ".join(f"{k}={v:.4f}" for k, v in heldout.items()))
+            log.record(step, heldout, "heldout")
+            log.say(f"[{task.kind}] held-out: ", heldout)
     finally:
-        progress.close()
+        log.close()
         checkpointer.close()
-        writer.flush()
-        if metrics_log:
-            metrics_log.close()
     return {"step": step, "train": train_metrics, "eval": eval_metrics, "state": state}
