@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from musicrl_jax.audio import synthesis
-from musicrl_jax.data import corpus
+from musicrl_jax.data import captions, clips, corpus, orchestration, scores
 
 pytestmark = pytest.mark.skipif(
     shutil.which("fluidsynth") is None or not os.path.isfile(synthesis.DEFAULT_SOUNDFONT),
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 
 TINY = dict(num_clips=30, clip_seconds=5.0, seed=3, num_workers=2, progress=False,
             collections=["bach_chorales", "ryans_mammoth", "oneills1850"])
-BEAT_QL = {name: ql for ql, name in corpus.BEAT_NAMES.items()}
+BEAT_QL = {name: ql for ql, name in captions.BEAT_NAMES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +48,9 @@ def test_metronome_renders_at_caption_bpm(tmp_path, bpm, beat_ql):
     melody = [(t, step * 0.9, (72 if abs(t / beat_ql - round(t / beat_ql)) < 1e-6 else 67,),
                100 if abs(t / beat_ql - round(t / beat_ql)) < 1e-6 else 60)
               for t in np.arange(0, length - 1e-6, step)]
-    voices = [corpus.MidiVoice(0, "melody", melody),
-              corpus._drum_voice("folk", length, beat_ql, bar)]
-    data, starts = corpus.midi_bytes([corpus.MidiSegment(voices, bpm, beat_ql, length, "4/4")])
+    voices = [clips.MidiVoice(0, "melody", melody),
+              clips._drum_voice("folk", length, beat_ql, bar)]
+    data, starts = clips.midi_bytes([clips.MidiSegment(voices, bpm, beat_ql, length, "4/4")])
     assert starts == [0.0]
     midi_path = tmp_path / "metronome.mid"
     midi_path.write_bytes(data)
@@ -60,7 +60,7 @@ def test_metronome_renders_at_caption_bpm(tmp_path, bpm, beat_ql):
     estimate = _tempo_estimates(audio, synthesis.DEFAULT_SAMPLE_RATE)
     assert _octave_match(estimate, bpm), (estimate, bpm)
     # The tempo meta-event itself is exact: quarter-note BPM = caption BPM * beat length.
-    info = corpus.read_midi_programs(str(midi_path))
+    info = clips.read_midi_programs(str(midi_path))
     assert info["quarter_bpm"][0] == pytest.approx(bpm * beat_ql, rel=1e-4)
 
 
@@ -80,13 +80,13 @@ def test_corpus_clips_with_drums_keep_tempo(tiny):
 def test_written_midi_matches_metadata(tiny):
     from music21 import converter, tempo
     for clip in tiny.clips:
-        info = corpus.read_midi_programs(os.path.join(tiny.out_dir, clip.midi))
+        info = clips.read_midi_programs(os.path.join(tiny.out_dir, clip.midi))
         assert info["programs"] == set(clip.programs), clip.clip_id
         assert (info["drum_notes"] > 0) == clip.drums, clip.clip_id
         quarter_bpm = clip.tempo_bpm * BEAT_QL[clip.tempo_beat]
         assert info["quarter_bpm"][0] == pytest.approx(quarter_bpm, rel=1e-4)
         for inst in clip.instruments:
-            assert corpus.GM_INSTRUMENTS[inst["program"]][0] == inst["name"]
+            assert orchestration.GM_INSTRUMENTS[inst["program"]][0] == inst["name"]
     # music21 reads the tempo back as a MetronomeMark at the caption's BPM.
     clip = tiny.clips[0]
     score = converter.parse(os.path.join(tiny.out_dir, clip.midi))
@@ -112,13 +112,13 @@ def test_captions_name_instruments_tempo_and_key(tiny):
 def test_caption_templates_vary():
     kwargs = dict(style="Irish reel", instruments="fiddle and acoustic guitar", bpm=118,
                   key="D major", metre="2/2", tempo="fast", moods=["cheerful"], drums=None)
-    captions = [corpus.compose_caption(t, **kwargs) for t in range(corpus.NUM_CAPTION_TEMPLATES)]
-    assert len(set(captions)) == corpus.NUM_CAPTION_TEMPLATES >= 4
-    for text in captions:
+    texts = [captions.compose_caption(t, **kwargs) for t in range(captions.NUM_CAPTION_TEMPLATES)]
+    assert len(set(texts)) == captions.NUM_CAPTION_TEMPLATES >= 4
+    for text in texts:
         assert "118 BPM" in text and "D major" in text
         assert "fiddle and acoustic guitar" in text.lower()
-    assert corpus.instrument_phrase([40, 40, 41, 42]) == "two violins, viola and cello"
-    assert corpus.instrument_phrase([19, 19, 19, 19]) == "church organ"
+    assert captions.instrument_phrase([40, 40, 41, 42]) == "two violins, viola and cello"
+    assert captions.instrument_phrase([19, 19, 19, 19]) == "church organ"
 
 
 def test_wavs_are_16k_mono_and_exact_length(tiny):
@@ -145,10 +145,10 @@ def test_key_estimate_agrees_with_music21_and_follows_transposition():
     from music21 import corpus as m21_corpus
     for path, transpose in (("bach/bwv66.6", 0), ("bach/bwv66.6", 3), ("bach/bwv57.8", -5)):
         score = m21_corpus.parse(path)
-        notes = corpus._read_score(score, path)
-        voices = [corpus.MidiVoice(0, "voice", [(o, d, (int(p) + transpose,), 80)
+        notes = scores._read_score(score, path)
+        voices = [clips.MidiVoice(0, "voice", [(o, d, (int(p) + transpose,), 80)
                                                 for o, d, p in v]) for v in notes.voices]
-        tonic, mode, _ = corpus.estimate_key(voices)
+        tonic, mode, _ = clips.estimate_key(voices)
         expected = score.transpose(transpose).analyze("key")
         assert (tonic, mode) == (expected.tonic.pitchClass, expected.mode), path
 
@@ -157,7 +157,7 @@ def test_tie_merging_matches_music21_strip_ties():
     from music21 import corpus as m21_corpus
     score = m21_corpus.parse("bach/bwv66.6")
     for part in score.parts:
-        ours = sorted(corpus._tied_notes(part.flatten().notes))
+        ours = sorted(scores._tied_notes(part.flatten().notes))
         theirs = sorted((float(n.offset), float(n.quarterLength), n.pitch.midi)
                         for n in part.stripTies().flatten().notes)
         assert ours == theirs

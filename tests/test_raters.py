@@ -13,7 +13,7 @@ import pytest
 
 from musicrl_jax import raters
 from musicrl_jax.audio import features, synthesis
-from musicrl_jax.data import corpus
+from musicrl_jax.data.clips import MidiSegment, MidiVoice, midi_bytes
 
 try:
     synthesis.find_fluidsynth()
@@ -49,12 +49,12 @@ def _voices(piece, bars=6):
         pitches = tuple(base - 12 + scale[(root + k) % 7] + (12 if root + k >= 7 else 0)
                         for k in (0, 2, 4))
         chords += [(4.0 * bar + beat, 0.9, pitches, 70) for beat in range(4)]
-    voices = [corpus.MidiVoice(piece["melody"], "melody", melody),
-              corpus.MidiVoice(piece["accomp"], "accompaniment", chords)]
+    voices = [MidiVoice(piece["melody"], "melody", melody),
+              MidiVoice(piece["accomp"], "accompaniment", chords)]
     if piece["drums"]:
         hits = [(float(b), 0.25, (36 if b % 2 == 0 else 38,), 100) for b in range(4 * bars)]
         hits += [(b + 0.5, 0.2, (42,), 70) for b in range(4 * bars)]
-        voices.append(corpus.MidiVoice(0, "drums", hits, drums=True))
+        voices.append(MidiVoice(0, "drums", hits, drums=True))
     return voices
 
 
@@ -68,9 +68,9 @@ def _meta(piece):
 
 
 def _render(piece, tempo_factor, out_dir):
-    segment = corpus.MidiSegment(_voices(piece), int(round(piece["bpm"] * tempo_factor)), 1.0,
-                                 24.0, "4/4")
-    data, _ = corpus.midi_bytes([segment])
+    segment = MidiSegment(_voices(piece), int(round(piece["bpm"] * tempo_factor)), 1.0, 24.0,
+                          "4/4")
+    data, _ = midi_bytes([segment])
     path = os.path.join(out_dir, f"{piece['name']}_x{tempo_factor:g}.mid")
     with open(path, "wb") as f:
         f.write(data)
