@@ -41,10 +41,24 @@ under several sampling configs) on the same held-out captions, the way MusicRL's
        differences d / std(d) (no intercept; the data are symmetrised with (-d, 1 - y), so
        presentation order cannot matter). It is the change in log-odds of winning per
        standard deviation of the difference, holding the other attributes fixed.
-6. Report: `report.md` and `report.html` in `out_dir` (a table like the paper's: win rate of
+6. Reference systems (optional). With `reference_audio` (the corpus renders of the held-out
+   captions), two systems that are not models join the comparison, listed first: "original",
+   the render cropped or zero-padded to the models' clip length, and "tokenized", its
+   tokenizer round trip (the ceiling a token LM can reach). They are measured, judged by the
+   panel and broken down like the models; rewards score their (round-trip) tokens; KL is
+   undefined (NaN, "-" in tables). With them, the spectrograms of the first captions' clips
+   of every system are plotted side by side.
+7. Chance baseline for text adherence. Each clip's raw measurements are also scored against
+   a different caption's metadata (a fixed derangement of the captions, from `seed`): the
+   mean text-adherence attribute a system gets when audio and caption are unrelated. The
+   baseline is the "tokenized" system's (else all systems') deranged mean, and headroom =
+   (x - chance) / (tokenized - chance) is the fraction of the tokenizer's ceiling above chance
+   that a system reaches.
+8. Report: `report.md` and `report.html` in `out_dir` (a table like the paper's: win rate of
    each model against each other with its CI, mean rewards, KL), PNG plots (reward vs KL,
-   win-rate bars with CI error bars, attribute breakdown), `results.json`, and WAVs of the first
-   `num_audio_examples` captions per model under `out_dir/audio` (HTML `<audio>` players).
+   win-rate bars with CI error bars, attribute breakdown, spectrograms), `results.json`, and
+   WAVs of the first `num_audio_examples` captions per system under `out_dir/audio` (HTML
+   `<audio>` players).
 
 Everything is a pure function of (models, prompts, panel, seed): reruns give the same report.
 """
@@ -162,6 +176,40 @@ def _check_inputs(models, reference, prompts, tokenizer, eval_panel, num_caption
     return systems
 
 
+REFERENCE_SYSTEMS = ("original", "tokenized")
+
+
+def _check_reference_audio(reference_audio, systems, num_captions):
+    clash = [m.name for m in systems if m.name in REFERENCE_SYSTEMS]
+    if clash:
+        raise ConfigError(f"evaluate_models: model name(s) {clash} are taken by the reference "
+                          f"systems {list(REFERENCE_SYSTEMS)} that reference_audio adds; rename "
+                          "the model(s).")
+    try:
+        count = len(reference_audio)
+    except TypeError:
+        kind = type(reference_audio).__name__
+        raise ConfigError(f"evaluate_models: reference_audio is a {kind}; expected a sequence "
+                          "of 1-D float waveforms, one per caption of prompts.") from None
+    if count < num_captions:
+        raise ConfigError(f"evaluate_models: reference_audio has {count} clip(s) but "
+                          f"num_captions={num_captions}; pass one render per held-out caption, "
+                          "aligned with prompts (entry i is the clip caption i was written "
+                          "for), or lower num_captions.")
+    for i in range(num_captions):
+        clip = np.asarray(reference_audio[i])
+        if clip.ndim != 1 or not clip.size or not np.issubdtype(clip.dtype, np.floating):
+            raise ConfigError(f"evaluate_models: reference_audio[{i}] has shape {clip.shape} "
+                              f"and dtype {clip.dtype}; expected a non-empty 1-D float "
+                              "waveform (mono, at tokenizer.sample_rate). Mix multichannel "
+                              "audio down and convert integer PCM to float in [-1, 1].")
+        bad = int(np.size(clip) - np.count_nonzero(np.isfinite(clip)))
+        if bad:
+            raise ConfigError(f"evaluate_models: reference_audio[{i}] has {bad} non-finite "
+                              "sample(s) (NaN or inf); fix that render (e.g. re-render it, or "
+                              "np.nan_to_num) before evaluating.")
+
+
 # --------------------------------------------------------------------------------------------
 # Steps
 
@@ -174,8 +222,9 @@ def _mean_se(x) -> tuple[float, float]:
     return float(x.mean()), se
 
 
-def _sample_and_score(model: ModelUnderTest, reference: ModelUnderTest, captions, metas, rngs,
-                      num_frames, tokenizer, reward_models, batch_size):
+def _sample(model: ModelUnderTest, reference: ModelUnderTest, captions, rngs, num_frames,
+            tokenizer, batch_size):
+    """The model's clips (codes, and the waveforms the raters hear) and its KL terms."""
     codes, sample_lp, lp, ref_lp = [], [], [], []
     for start in range(0, len(captions), batch_size):
         sl = slice(start, start + batch_size)
@@ -197,7 +246,53 @@ def _sample_and_score(model: ModelUnderTest, reference: ModelUnderTest, captions
     if model.audio_transform is not None:
         waveforms = np.asarray(model.audio_transform(waveforms, tokenizer.sample_rate),
                                np.float32)
-    attrs = features.batch_attributes(list(waveforms), tokenizer.sample_rate, metas)
+    kl_terms = lp - ref_lp
+    kl_sampling_terms = sample_lp - ref_lp
+    return dict(codes=codes, waveforms=waveforms, kl=_mean_se(kl_terms),
+                kl_sampling=_mean_se(kl_sampling_terms), kl_terms=kl_terms,
+                kl_sampling_terms=kl_sampling_terms)
+
+
+def _fit_length(waveform, num_samples: int) -> np.ndarray:
+    waveform = np.asarray(waveform, np.float32)[:num_samples]
+    return np.pad(waveform, (0, num_samples - len(waveform)))
+
+
+def _reference_clips(reference_audio, num_captions, num_frames, tokenizer):
+    """{"original", "tokenized"} -> codes and waveforms at the models' clip length. Both carry
+    the round-trip codes: rewards see tokens, and the render's tokens are its round trip's."""
+    num_samples = tokenizer.num_samples(num_frames)
+    original = np.stack([_fit_length(w, num_samples) for w in reference_audio[:num_captions]])
+    codes = np.asarray(tokenizer.encode(original))[:, :num_frames]
+    tokenized = np.stack([_fit_length(w, num_samples) for w in tokenizer.decode(codes)])
+    nan = (float("nan"), float("nan"))  # KL is a property of an LM, which these are not
+    return {name: dict(codes=codes, waveforms=waveforms, kl=nan, kl_sampling=nan)
+            for name, waveforms in zip(REFERENCE_SYSTEMS, (original, tokenized))}
+
+
+def caption_derangement(num_captions: int, seed: int) -> np.ndarray | None:
+    """A permutation of range(num_captions) without fixed points (uniform over derangements,
+    by rejection), a pure function of seed; None for a single caption (no other caption)."""
+    if num_captions < 2:
+        return None
+    rng = np.random.default_rng([seed, 104729])
+    while True:
+        perm = rng.permutation(num_captions)
+        if not np.any(perm == np.arange(num_captions)):
+            return perm
+
+
+def _measure(waveforms, sample_rate, metas, other_metas):
+    """Attributes of each clip against its caption and, for the chance baseline, the text
+    attributes against another caption; one `features.measure` per clip serves both."""
+    raw = [features.measure(w, sample_rate) for w in waveforms]
+    attributes = [features.score(r, m) for r, m in zip(raw, metas)]
+    chance = [{k: v for k, v in features.score(r, m).items() if k in features.GROUPS["text"]}
+              for r, m in zip(raw, other_metas or ())]
+    return attributes, chance
+
+
+def _rewards(codes, captions, reward_models, batch_size):
     rewards = {}
     for rname, (score_fn, rparams) in (reward_models or {}).items():
         scores = np.concatenate([
@@ -205,11 +300,23 @@ def _sample_and_score(model: ModelUnderTest, reference: ModelUnderTest, captions
                        np.float64).reshape(-1)
             for s in range(0, len(captions), batch_size)])
         rewards[rname] = _mean_se(scores)
-    kl_terms = lp - ref_lp
-    kl_sampling_terms = sample_lp - ref_lp
-    return dict(codes=codes, waveforms=waveforms, attributes=attrs, rewards=rewards,
-                kl=_mean_se(kl_terms), kl_sampling=_mean_se(kl_sampling_terms),
-                kl_terms=kl_terms, kl_sampling_terms=kl_sampling_terms)
+    return rewards
+
+
+def _chance_and_headroom(names, mean_attributes, chance_attributes, with_references):
+    """The chance baseline of each text attribute and, with references, each system's headroom
+    (x - chance) / (tokenized - chance); NaN where the ceiling does not clear chance."""
+    text = features.GROUPS["text"]
+    if not with_references:
+        return {a: float(np.mean([chance_attributes[n][a] for n in names])) for a in text}, {}
+    chance = dict(chance_attributes["tokenized"])
+
+    def headroom(name, attribute):
+        span = mean_attributes["tokenized"][attribute] - chance[attribute]
+        return ((mean_attributes[name][attribute] - chance[attribute]) / span
+                if abs(span) > 1e-6 else float("nan"))
+
+    return chance, {n: {a: headroom(n, a) for a in text} for n in names}
 
 
 def _judge_pairs(names, attrs, eval_panel, seed):
@@ -321,10 +428,15 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "model"
 
 
-def _plots(out_dir, names, matrix, low, high, rewards, kl, kl_se, breakdown, reward_names):
+def _pyplot():
     import matplotlib
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # headless: the report is written to files
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _plots(out_dir, names, matrix, low, high, rewards, kl, kl_se, breakdown, reward_names):
+    plt = _pyplot()
 
     paths = {}
     n = len(names)
@@ -357,6 +469,8 @@ def _plots(out_dir, names, matrix, low, high, rewards, kl, kl_se, breakdown, rew
     fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.4), squeeze=False)
     for ax, target in zip(axes[0], targets):
         for m, name in enumerate(names):
+            if not np.isfinite(kl[m]):  # reference systems: no LM, no KL
+                continue
             if reward_names:
                 y, yerr = rewards[name][target]
             else:
@@ -396,17 +510,64 @@ def _plots(out_dir, names, matrix, low, high, rewards, kl, kl_se, breakdown, rew
     return paths
 
 
+def _spectrograms(out_dir, names, waveforms, sample_rate, shown):
+    """One row per shown caption of log-mel panels, one per system; each row shares its dB
+    scale (0 dB = the row's loudest bin) so panels compare directly."""
+    import librosa
+    plt = _pyplot()
+
+    fig, axes = plt.subplots(len(shown), len(names), figsize=(2.4 * len(names) + 0.8,
+                                                              2.3 * len(shown) + 0.6),
+                             squeeze=False, sharey=True, layout="constrained")
+    image = None
+    for row, (c, caption) in enumerate(shown):
+        mels = [librosa.feature.melspectrogram(y=np.asarray(waveforms[n][c], np.float32),
+                                               sr=sample_rate, n_fft=1024, hop_length=256,
+                                               n_mels=64) for n in names]
+        loudest = max(float(m.max()) for m in mels) + 1e-12
+        for ax, name, mel in zip(axes[row], names, mels):
+            seconds = len(waveforms[name][c]) / sample_rate
+            image = ax.imshow(librosa.power_to_db(mel, ref=loudest, top_db=None),
+                              origin="lower", aspect="auto", cmap="magma", vmin=-80.0,
+                              vmax=0.0, extent=(0.0, seconds, 0, mel.shape[0]))
+            ax.set_title(name, fontsize=8)
+            ax.tick_params(labelsize=6)
+        axes[row][0].set_ylabel(f"caption {c}\nmel band", fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("seconds", fontsize=7)
+    fig.colorbar(image, ax=axes, label="dB re row max", shrink=0.8)
+    fig.suptitle("Log-mel spectrograms: " + "; ".join(
+        f"caption {c}: {_shorten(caption, 60)}" for c, caption in shown), fontsize=8)
+    path = os.path.join(out_dir, "spectrograms.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _shorten(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def _fmt(x, digits=3):
     return "nan" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
 
+def _label(name, references):
+    return f"{name} (reference)" if name in references else name
+
+
+def _fmt_mean_se(mean, se):
+    return "-" if not np.isfinite(mean) else f"{_fmt(mean)} ± {_fmt(se)}"
+
+
 def _table_rows(names, matrix, low, high, details, rewards, reward_names, kl, kl_se, kl_s,
-                kl_s_se):
+                kl_s_se, references=()):
     header = (["model"] + [f"vs {b}" for b in names]
               + [f"reward: {r}" for r in reward_names] + ["KL (params)", "KL (sampling)"])
     rows = []
     for a, name in enumerate(names):
-        row = [name]
+        row = [_label(name, references)]
         for b, other in enumerate(names):
             if a == b:
                 row.append("-")
@@ -417,13 +578,59 @@ def _table_rows(names, matrix, low, high, details, rewards, reward_names, kl, kl
         for r in reward_names:
             mean, se = rewards[name][r]
             row.append(f"{_fmt(mean)} ± {_fmt(se)}")
-        row.append(f"{_fmt(kl[a])} ± {_fmt(kl_se[a])}")
-        row.append(f"{_fmt(kl_s[a])} ± {_fmt(kl_s_se[a])}")
+        row.append(_fmt_mean_se(kl[a], kl_se[a]))
+        row.append(_fmt_mean_se(kl_s[a], kl_s_se[a]))
         rows.append(row)
     return header, rows
 
 
-def _write_reports(out_dir, result, header, rows, audio, prompts_shown, plots):
+def _chance_rows(result):
+    """The text-adherence table: per system and text attribute, "mean (vs other caption)
+    headroom" (headroom only with reference systems)."""
+    text = features.GROUPS["text"]
+    headroom = result["headroom"]
+    header = ["system"] + [f"{a}: mean (vs other caption)" + (" headroom" if headroom else "")
+                           for a in text]
+    rows = []
+    for name in result["models"]:
+        row = [_label(name, result["references"])]
+        for a in text:
+            cell = (f"{_fmt(result['mean_attributes'][name][a], 2)} "
+                    f"({_fmt(result['chance_attributes'][name][a], 2)})")
+            if headroom:
+                cell += f" {_fmt(headroom[name][a], 2)}"
+            row.append(cell)
+        rows.append(row)
+    return header, rows
+
+
+def _chance_text(result):
+    baseline = ("the tokenized reference's" if result["references"]
+                else "the mean over all systems of their")
+    values = ", ".join(f"{a} {_fmt(v, 2)}" for a, v in result["chance"].items())
+    text = ("Each clip's text-adherence attributes are also scored against another caption's "
+            "metadata (a fixed derangement of the captions; in parentheses): what a system "
+            f"gets when audio and caption are unrelated. Chance baseline = {baseline} mean "
+            f"against other captions: {values}.")
+    if result["references"]:
+        text += (" Headroom = (mean - chance) / (tokenized - chance): 0 = chance, 1 = the "
+                 "tokenizer's round trip of the caption's own render (the ceiling of a "
+                 "token LM); nan where that ceiling does not clear chance.")
+    return text
+
+
+def _references_text(result):
+    if not result["references"]:
+        return ""
+    return ("Reference systems (not models): 'original' is the corpus render each caption was "
+            "written for, cropped or zero-padded to the models' clip length; 'tokenized' is "
+            "its round trip through the audio tokenizer (encode, decode), the best a token LM "
+            "can sound. The panel judges them like the models, rewards score their round-trip "
+            "tokens, and KL is not defined for them ('-').")
+
+
+def _write_reports(out_dir, result, header, rows, audio, prompts_shown, plots,
+                   spectrogram_shown=()):
     names = result["models"]
     bd = result["attribute_breakdown"]
     intro = (f"{result['num_captions']} held-out captions, one clip per caption per model "
@@ -434,18 +641,30 @@ def _write_reports(out_dir, result, header, rows, audio, prompts_shown, plots):
              f"KL: Monte-Carlo estimate of KL(model || {result['reference']}) in nats per clip "
              "± s.e.; 'params' uses the temperature-1 LM distributions (sampling settings are "
              "not part of pi), 'sampling' the distribution actually sampled from.")
+    references_text = _references_text(result)
+    chance_header, chance_rows = _chance_rows(result)
+    chance_text = _chance_text(result)
+    spectrograms = plots.get("spectrograms_png")
+    spectrogram_caption = ("Log-mel spectrograms of each system's clip (original, tokenized, "
+                           "then the models; dB relative to each row's loudest bin) for "
+                           + "; ".join(f"caption {c}: \"{_shorten(t, 80)}\""
+                                       for c, t in spectrogram_shown) + ".")
     attr_rows = [[a, _fmt(bd["logistic"][k], 2), _fmt(bd["agreement"][k], 2),
                   str(bd["agreement_n"][k])] for k, a in enumerate(bd["attributes"])]
     attr_header = ["attribute", "logistic coef.", "agreement", "n (decisive, differing)"]
     mean_header = ["model"] + list(features.ATTRIBUTE_NAMES)
-    mean_rows = [[n] + [_fmt(result["mean_attributes"][n][a], 2)
-                        for a in features.ATTRIBUTE_NAMES] for n in names]
+    mean_rows = [[_label(n, result["references"])]
+                 + [_fmt(result["mean_attributes"][n][a], 2) for a in features.ATTRIBUTE_NAMES]
+                 for n in names]
 
     def md_table(h, rs):
         return ["| " + " | ".join(h) + " |", "|" + "---|" * len(h)] + [
             "| " + " | ".join(r) + " |" for r in rs]
 
-    md = ["# MusicRL evaluation", "", intro, "", "## Side-by-side win rates, rewards and KL", ""]
+    md = ["# MusicRL evaluation", "", intro, ""]
+    if references_text:
+        md += [references_text, ""]
+    md += ["## Side-by-side win rates, rewards and KL", ""]
     md += md_table(header, rows)
     md += ["", f"![win rates]({os.path.basename(plots['win_rates_png'])})",
            f"![reward vs KL]({os.path.basename(plots['reward_vs_kl_png'])})", "",
@@ -459,6 +678,11 @@ def _write_reports(out_dir, result, header, rows, audio, prompts_shown, plots):
     md += ["", f"![attribute breakdown]({os.path.basename(plots['attributes_png'])})", "",
            "## Mean attributes per model", ""]
     md += md_table(mean_header, mean_rows)
+    md += ["", "## Text adherence against chance", "", chance_text, ""]
+    md += md_table(chance_header, chance_rows)
+    if spectrograms:
+        md += ["", "## Spectrograms", "", f"![spectrograms]({os.path.basename(spectrograms)})",
+               "", spectrogram_caption]
     md += ["", "## Audio examples", ""]
     for c, caption in prompts_shown:
         md.append(f"- caption {c}: {caption}")
@@ -480,8 +704,10 @@ def _write_reports(out_dir, result, header, rows, audio, prompts_shown, plots):
              "</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
              "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
              "padding:3px 6px}img{max-width:100%}</style></head><body>",
-             "<h1>MusicRL evaluation</h1>", f"<p>{esc(intro)}</p>",
-             "<h2>Side-by-side win rates, rewards and KL</h2>", html_table(header, rows)]
+             "<h1>MusicRL evaluation</h1>", f"<p>{esc(intro)}</p>"]
+    if references_text:
+        parts.append(f"<p>{esc(references_text)}</p>")
+    parts += ["<h2>Side-by-side win rates, rewards and KL</h2>", html_table(header, rows)]
     for key in ("win_rates_png", "reward_vs_kl_png"):
         parts.append(f"<p><img src='{esc(os.path.basename(plots[key]))}'></p>")
     parts += ["<h2>What explains the panel's choices</h2>",
@@ -489,7 +715,13 @@ def _write_reports(out_dir, result, header, rows, audio, prompts_shown, plots):
               f"{_fmt(bd['logistic_accuracy'], 2)}.</p>", html_table(attr_header, attr_rows),
               f"<p><img src='{esc(os.path.basename(plots['attributes_png']))}'></p>",
               "<h2>Mean attributes per model</h2>", html_table(mean_header, mean_rows),
-              "<h2>Audio examples</h2>"]
+              "<h2>Text adherence against chance</h2>", f"<p>{esc(chance_text)}</p>",
+              html_table(chance_header, chance_rows)]
+    if spectrograms:
+        parts += ["<h2>Spectrograms</h2>",
+                  f"<figure><img src='{esc(os.path.basename(spectrograms))}'><figcaption>"
+                  f"{esc(spectrogram_caption)}</figcaption></figure>"]
+    parts.append("<h2>Audio examples</h2>")
     for c, caption in prompts_shown:
         parts.append(f"<h3>caption {c}: {esc(caption)}</h3><table><tr>")
         for name in names:
@@ -522,26 +754,37 @@ def evaluate_models(models: Sequence[ModelUnderTest], reference: ModelUnderTest,
                     num_captions: int,
                     reward_models: Mapping[str, tuple[ScoreFn, Any]] | None = None,
                     seed: int = 0, num_audio_examples: int = 3, num_frames: int | None = None,
-                    batch_size: int = 64, common_random_numbers: bool = True) -> dict[str, Any]:
+                    batch_size: int = 64, common_random_numbers: bool = True,
+                    reference_audio: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
     """Evaluates `models` (and `reference`, added when not among them) side by side on the
     first `num_captions` captions of `prompts` (a `collection.Prompts` of held-out captions
     with metadata). See the module docstring for what is measured. Writes report.md,
     report.html, PNG plots, results.json and example WAVs to `out_dir`; returns every number:
 
-      models (names, reference last if it was added), reference, num_captions, num_frames,
-      num_raters, win_rate / win_rate_low / win_rate_high ([n, n] lists, row vs column, NaN
-      diagonal), win_rates {"a|b": WinRate fields}, kl / kl_stderr / kl_sampling /
-      kl_sampling_stderr ({name: float}), rewards ({name: {reward: (mean, stderr)}}),
-      mean_attributes ({name: {attribute: mean}}), attribute_breakdown, judgements (one record
-      per comparison), paths (report, plots, audio).
+      models (names of all systems in table order: the reference systems first when
+      reference_audio is given, then the models, reference last if it was added), references
+      (the reference systems' names, [] without reference_audio), reference, num_captions,
+      num_frames, num_raters, win_rate / win_rate_low / win_rate_high ([n, n] lists, row vs
+      column, NaN diagonal), win_rates {"a|b": WinRate fields}, kl / kl_stderr / kl_sampling /
+      kl_sampling_stderr ({name: float}, NaN for reference systems), rewards ({name: {reward:
+      (mean, stderr)}}), mean_attributes ({name: {attribute: mean}}), chance_attributes
+      ({name: {text attribute: mean against another caption}}), chance ({text attribute:
+      baseline}), headroom ({name: {text attribute: fraction}}, {} without reference_audio),
+      caption_derangement (caption i's clips are scored against caption perm[i] for the
+      chance baseline; None for one caption), attribute_breakdown, judgements (one record per comparison), paths (report, plots,
+      audio, and spectrograms_png with reference_audio).
 
     num_frames defaults to the smallest max_frames of the models; batch_size caps the number
     of captions sampled per call (per-example keys make the clips independent of it).
     common_random_numbers=False gives each model its own sampling keys (derived from seed and
-    the model's name) instead of the shared per-caption keys.
+    the model's name) instead of the shared per-caption keys. reference_audio: the float32
+    mono renders (at tokenizer.sample_rate) of the captions of `prompts`, aligned with them;
+    adds the "original" and "tokenized" reference systems and spectrograms.png.
     """
     systems = _check_inputs(models, reference, prompts, tokenizer, eval_panel, num_captions,
                             reward_models)
+    if reference_audio is not None:
+        _check_reference_audio(reference_audio, systems, num_captions)
     if batch_size < 1:
         raise ConfigError(f"evaluate_models: batch_size={batch_size}; expected >= 1.")
     if num_audio_examples < 0:
@@ -552,10 +795,17 @@ def evaluate_models(models: Sequence[ModelUnderTest], reference: ModelUnderTest,
     if not 1 <= num_frames <= max_frames:
         raise ConfigError(f"evaluate_models: num_frames={num_frames}; expected 1..{max_frames} "
                           "(the smallest max_frames of the models).")
-    names = [m.name for m in systems]
+    model_names = [m.name for m in systems]
+    references = list(REFERENCE_SYSTEMS) if reference_audio is not None else []
+    # Judged in this order so that adding references leaves the model-vs-model judgements
+    # (seeded by pair index) unchanged; tables list the references first.
+    judge_names = model_names + references
+    names = references + model_names
     os.makedirs(out_dir, exist_ok=True)
     captions = np.asarray(prompts.caption_tokens, np.int32)[:num_captions]
     metas = list(prompts.metas[:num_captions])
+    derangement = caption_derangement(num_captions, seed)
+    other_metas = None if derangement is None else [metas[i] for i in derangement]
     start = time.perf_counter()
     seconds = {}
 
@@ -568,13 +818,31 @@ def evaluate_models(models: Sequence[ModelUnderTest], reference: ModelUnderTest,
     sampled = {}
     for m in systems:
         t0 = time.perf_counter()
-        sampled[m.name] = _sample_and_score(m, reference, captions, metas, keys_for(m),
-                                            num_frames, tokenizer, reward_models, batch_size)
+        sampled[m.name] = _sample(m, reference, captions, keys_for(m), num_frames, tokenizer,
+                                  batch_size)
+        sampled[m.name]["rewards"] = _rewards(sampled[m.name]["codes"], captions,
+                                              reward_models, batch_size)
         seconds[f"sample_and_score/{m.name}"] = time.perf_counter() - t0
+    if references:
+        t0 = time.perf_counter()
+        sampled.update(_reference_clips(reference_audio, num_captions, num_frames, tokenizer))
+        reference_rewards = _rewards(sampled["tokenized"]["codes"], captions, reward_models,
+                                     batch_size)
+        for name in references:
+            sampled[name]["rewards"] = reference_rewards
+        seconds["reference_systems"] = time.perf_counter() - t0
+    for name in judge_names:
+        t0 = time.perf_counter()
+        sampled[name]["attributes"], sampled[name]["chance_attributes"] = _measure(
+            sampled[name]["waveforms"], tokenizer.sample_rate, metas, other_metas)
+        key = f"sample_and_score/{name}" if name in model_names else "reference_systems"
+        seconds[key] += time.perf_counter() - t0
     t0 = time.perf_counter()
-    attrs = [sampled[n]["attributes"] for n in names]
-    choices, judgements = _judge_pairs(names, attrs, eval_panel, seed)
-    matrix, low, high, details = _win_matrix(names, choices)
+    attrs = [sampled[n]["attributes"] for n in judge_names]
+    choices, judgements = _judge_pairs(judge_names, attrs, eval_panel, seed)
+    matrix, low, high, details = _win_matrix(judge_names, choices)
+    order = np.array([judge_names.index(n) for n in names])
+    matrix, low, high = (x[np.ix_(order, order)] for x in (matrix, low, high))
     breakdown = attribute_breakdown(choices, attrs)
     seconds["judge_and_breakdown"] = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -587,29 +855,44 @@ def evaluate_models(models: Sequence[ModelUnderTest], reference: ModelUnderTest,
     kl_s_se = [sampled[n]["kl_sampling"][1] for n in names]
     plots = _plots(out_dir, names, matrix, low, high, rewards, kl, kl_se, breakdown,
                    reward_names)
+    spectrogram_shown = [(c, str(prompts.captions[c])) for c in range(min(2, num_captions))]
+    if references:
+        plots["spectrograms_png"] = _spectrograms(
+            out_dir, names, {n: sampled[n]["waveforms"] for n in names},
+            tokenizer.sample_rate, spectrogram_shown)
     slugs = [_slug(n) for n in names]  # unique file prefixes even when two names slug alike
     prefixes = [s if slugs.count(s) == 1 else f"{s}-{i}" for i, s in enumerate(slugs)]
-    audio = {m.name: _write_audio(out_dir, prefix, tokenizer, sampled[m.name],
-                                  min(num_audio_examples, num_captions))
-             for m, prefix in zip(systems, prefixes)}
+    audio = {name: _write_audio(out_dir, prefix, tokenizer, sampled[name],
+                                min(num_audio_examples, num_captions))
+             for name, prefix in zip(names, prefixes)}
     header, rows = _table_rows(names, matrix, low, high, details, rewards, reward_names, kl,
-                               kl_se, kl_s, kl_s_se)
+                               kl_se, kl_s, kl_s_se, references)
+    sampling = {m.name: dataclasses.asdict(m.sampling) for m in systems}
+    mean_attributes = {n: {a: float(np.mean([x[a] for x in sampled[n]["attributes"]]))
+                           for a in features.ATTRIBUTE_NAMES} for n in names}
+    chance_attributes = {n: {a: _mean_se([x[a] for x in sampled[n]["chance_attributes"]])[0]
+                             for a in features.GROUPS["text"]} for n in names}
+    chance, headroom = _chance_and_headroom(names, mean_attributes, chance_attributes,
+                                            bool(references))
     result = {
-        "models": names, "reference": reference.name, "num_captions": int(num_captions),
-        "num_frames": int(num_frames), "num_raters": len(eval_panel), "seed": seed,
-        "sampling": {m.name: dataclasses.asdict(m.sampling) for m in systems},
+        "models": names, "references": references, "reference": reference.name,
+        "num_captions": int(num_captions), "num_frames": int(num_frames),
+        "num_raters": len(eval_panel), "seed": seed,
+        "sampling": {n: sampling.get(n) for n in names},
         "win_rate": matrix.tolist(), "win_rate_low": low.tolist(),
         "win_rate_high": high.tolist(),
         "win_rates": {f"{a}|{b}": dataclasses.asdict(wr) for (a, b), wr in details.items()},
         "kl": dict(zip(names, kl)), "kl_stderr": dict(zip(names, kl_se)),
         "kl_sampling": dict(zip(names, kl_s)), "kl_sampling_stderr": dict(zip(names, kl_s_se)),
         "rewards": {n: {r: list(v) for r, v in rewards[n].items()} for n in names},
-        "mean_attributes": {n: {a: float(np.mean([x[a] for x in sampled[n]["attributes"]]))
-                                for a in features.ATTRIBUTE_NAMES} for n in names},
+        "mean_attributes": mean_attributes, "chance_attributes": chance_attributes,
+        "chance": chance, "headroom": headroom,
+        "caption_derangement": None if derangement is None else derangement.tolist(),
         "attribute_breakdown": breakdown, "judgements": judgements,
     }
     shown = [(c, str(prompts.captions[c])) for c in range(min(num_audio_examples, num_captions))]
-    _write_reports(out_dir, result, header, rows, audio, shown, plots)
+    _write_reports(out_dir, result, header, rows, audio, shown, plots,
+                   spectrogram_shown if references else ())
     seconds["report"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - start
     result["seconds"] = seconds
@@ -620,4 +903,3 @@ def evaluate_models(models: Sequence[ModelUnderTest], reference: ModelUnderTest,
     with open(result["paths"]["results_json"], "w") as f:
         json.dump(result, f, indent=1, default=float, allow_nan=True)
     return result
-

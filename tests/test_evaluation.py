@@ -171,3 +171,162 @@ def test_bad_input_is_a_clear_error(setup, tmp_path):
     with pytest.raises(ConfigError, match="eval_panel"):
         evaluation.evaluate_models([ref, setup["perturbed"]], ref, *common[:2], None,
                                    str(tmp_path), num_captions=2)
+
+
+# --- reference systems ("original", "tokenized"), the chance baseline, spectrograms ------------
+
+
+def _click_track(bpm, num_samples, sample_rate):
+    """1 kHz clicks on every beat at `bpm`: a render whose tempo the features can measure."""
+    t = np.arange(int(0.03 * sample_rate)) / sample_rate
+    click = np.sin(2 * np.pi * 1000 * t) * np.exp(-t / 0.008)
+    y = np.zeros(num_samples, np.float32)
+    for start in (np.arange(0, num_samples / sample_rate, 60.0 / bpm) * sample_rate).astype(int):
+        y[start:start + len(click)] += click[:num_samples - start]
+    return 0.5 * y
+
+
+def _renders(prompts, tokenizer, seconds):
+    return [_click_track(m["tempo_bpm"], int(seconds * tokenizer.sample_rate),
+                         tokenizer.sample_rate) for m in prompts.metas]
+
+
+@pytest.fixture(scope="module")
+def with_references(setup, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("evaluation_references"))
+    result = evaluation.evaluate_models(
+        [setup["reference"], setup["perturbed"]], setup["reference"], setup["prompts"],
+        setup["tokenizer"], setup["eval_panel"], out, num_captions=NUM_CAPTIONS, seed=0,
+        num_audio_examples=2, reference_audio=_renders(setup["prompts"], setup["tokenizer"], 1.0),
+        reward_models={"code_mean": (jax.jit(_code_mean_reward), {"scale": 2.0})})
+    return out, result
+
+
+def test_references_are_judged_like_models_and_listed_first(with_references):
+    out, result = with_references
+    assert result["models"] == ["original", "tokenized", "pretrained", "perturbed"]
+    assert result["references"] == ["original", "tokenized"]
+    w = np.array(result["win_rate"])
+    off = ~np.eye(4, dtype=bool)
+    assert w.shape == (4, 4) and np.all(np.isfinite(w[off]))
+    np.testing.assert_allclose((w + w.T)[off], 1.0, atol=1e-12)
+    names = result["models"]
+    for a, b in zip(*np.nonzero(off)):  # rows and columns follow the table order
+        assert w[a, b] == result["win_rates"][f"{names[a]}|{names[b]}"]["rate"]
+    assert len(result["judgements"]) == 6 * NUM_CAPTIONS
+    for name in ("original", "tokenized"):
+        assert np.isnan(result["kl"][name]) and np.isnan(result["kl_sampling"][name])
+        mean, se = result["rewards"][name]["code_mean"]
+        assert np.isfinite(mean) and np.isfinite(se)
+        assert set(result["mean_attributes"][name]) == set(evaluation.features.ATTRIBUTE_NAMES)
+        assert len(result["paths"]["audio"][name]) == 2
+    # Rewards see tokens: the render's tokens are its round trip's.
+    assert result["rewards"]["original"] == result["rewards"]["tokenized"]
+    assert os.path.getsize(result["paths"]["spectrograms_png"]) > 0
+    assert result["paths"]["spectrograms_png"] == os.path.join(out, "spectrograms.png")
+    md = open(os.path.join(out, "report.md")).read()
+    page = open(os.path.join(out, "report.html")).read()
+    for text in (md, page):
+        assert "Reference systems (not models)" in text and "spectrograms.png" in text
+        assert "Text adherence against chance" in text and "caption 0" in text
+    assert md.count("] (n=") == 12 and page.count("<audio controls src=") == 2 * 4
+    assert "| original (reference) | - | " in md
+    assert md.split("| tokenized (reference) |")[1].split("\n")[0].endswith("| - | - |")
+    loaded = json.load(open(os.path.join(out, "results.json")))
+    assert loaded["models"] == result["models"] and np.isnan(loaded["kl"]["tokenized"])
+
+
+def test_references_leave_the_model_comparison_unchanged(evaluated, with_references):
+    (_, alone), (_, together) = evaluated, with_references
+    for a, b in (("pretrained", "perturbed"), ("perturbed", "pretrained")):
+        assert together["win_rates"][f"{a}|{b}"] == alone["win_rates"][f"{a}|{b}"]
+    for name in ("pretrained", "perturbed"):
+        assert together["mean_attributes"][name] == alone["mean_attributes"][name]
+        assert together["kl"][name] == alone["kl"][name]
+
+
+def test_caption_derangement_has_no_fixed_point():
+    for n in range(2, 40):
+        for seed in range(4):
+            perm = evaluation.caption_derangement(n, seed)
+            assert sorted(perm) == list(range(n)) and not np.any(perm == np.arange(n))
+            np.testing.assert_array_equal(perm, evaluation.caption_derangement(n, seed))
+    assert evaluation.caption_derangement(1, 0) is None
+
+
+TEMPOS = (75, 84, 93, 104, 116, 130)  # no two within the tempo score's width or an octave apart
+
+
+@pytest.fixture(scope="module")
+def chance_run(setup, tmp_path_factory):
+    """References that follow their captions' tempo vs a system that plays another caption's
+    render (ignores its caption), on clips long enough to measure a tempo."""
+    import dataclasses
+    tokenizer = setup["tokenizer"]
+    n = len(TEMPOS)
+    metas = [{**setup["prompts"].metas[i], "tempo_bpm": bpm} for i, bpm in enumerate(TEMPOS)]
+    prompts = collection.Prompts(setup["prompts"].caption_tokens[:n],
+                                 [f"clicks at {bpm} BPM" for bpm in TEMPOS], metas)
+    renders = _renders(prompts, tokenizer, 2.5)
+    config = dataclasses.replace(setup["tiny_config"], max_frames=100)
+    lm = ModelUnderTest("lm", config, setup["tiny_params"])
+
+    def other_captions_render(waveforms, sample_rate):
+        return np.stack([renders[(i + 1) % n][:waveforms.shape[1]]
+                         for i in range(len(waveforms))])
+
+    ignores = ModelUnderTest("ignores caption", config, setup["tiny_params"],
+                             audio_transform=other_captions_render)
+    out = str(tmp_path_factory.mktemp("evaluation_chance"))
+    return evaluation.evaluate_models([lm, ignores], lm, prompts, tokenizer, setup["eval_panel"],
+                                      out, num_captions=n, seed=3, num_audio_examples=0,
+                                      reference_audio=renders)
+
+
+def test_chance_baseline_and_headroom(chance_run):
+    result = chance_run
+    perm = np.array(result["caption_derangement"])
+    assert not np.any(perm == np.arange(len(TEMPOS)))
+    mean, chance = result["mean_attributes"], result["chance_attributes"]
+    for name in ("original", "tokenized"):
+        assert mean[name]["tempo_match"] > 0.9
+        assert mean[name]["tempo_match"] > chance[name]["tempo_match"] + 0.7
+    text = set(evaluation.features.GROUPS["text"])
+    assert set(result["chance"]) == text and set(result["headroom"]["lm"]) == text
+    assert result["chance"] == chance["tokenized"]
+    assert result["headroom"]["tokenized"]["tempo_match"] == pytest.approx(1.0)
+    assert result["headroom"]["original"]["tempo_match"] == pytest.approx(1.0, abs=0.1)
+    assert abs(result["headroom"]["ignores caption"]["tempo_match"]) < 0.15
+    md = open(result["paths"]["report_md"]).read()
+    assert "tempo_match: mean (vs other caption) headroom" in md
+
+
+def test_chance_without_references_is_the_mean_over_systems(evaluated):
+    out, result = evaluated
+    assert result["references"] == [] and result["headroom"] == {}
+    assert "spectrograms_png" not in result["paths"]
+    for attr, value in result["chance"].items():
+        assert value == pytest.approx(np.mean([result["chance_attributes"][n][attr]
+                                               for n in result["models"]]))
+    assert "Text adherence against chance" in open(os.path.join(out, "report.md")).read()
+
+
+def test_bad_reference_audio_is_a_clear_error(setup, tmp_path):
+    ref = setup["reference"]
+    common = (setup["prompts"], setup["tokenizer"], setup["eval_panel"], str(tmp_path))
+    good = _renders(setup["prompts"], setup["tokenizer"], 0.5)
+
+    def evaluate(models, audio):
+        evaluation.evaluate_models(models, ref, *common, num_captions=4, reference_audio=audio)
+
+    with pytest.raises(ConfigError, match=r"reference_audio has 3 clip\(s\) but num_captions=4"):
+        evaluate([ref, setup["perturbed"]], good[:3])
+    with pytest.raises(ConfigError, match=r"reference_audio\[2\] has shape \(2, 8000\).*1-D"):
+        evaluate([ref, setup["perturbed"]], good[:2] + [np.stack([good[2]] * 2)] + good[3:])
+    nan_clip = good[1].copy()
+    nan_clip[10] = np.nan
+    with pytest.raises(ConfigError, match=r"reference_audio\[1\] has 1 non-finite"):
+        evaluate([ref, setup["perturbed"]], [good[0], nan_clip] + good[2:])
+    tokenized = ModelUnderTest("tokenized", setup["tiny_config"], setup["tiny_params"])
+    with pytest.raises(ConfigError, match=r"\['tokenized'\] are taken by the reference"):
+        evaluate([ref, tokenized], good)
