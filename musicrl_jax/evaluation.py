@@ -118,7 +118,7 @@ def add_noise(snr_db: float = -10.0, seed: int = 0) -> AudioTransform:
 
 
 def _check_inputs(models, reference, prompts, tokenizer, eval_panel, num_captions,
-                  reward_models=None):
+                  reward_models=None, num_references: int = 0):
     models = list(models)
     if not isinstance(reference, ModelUnderTest) or not all(
             isinstance(m, ModelUnderTest) for m in models):
@@ -134,9 +134,10 @@ def _check_inputs(models, reference, prompts, tokenizer, eval_panel, num_caption
                               "but is another ModelUnderTest; pass the reference object itself "
                               "or rename it.")
     systems = list(models) + ([] if reference.name in names else [reference])
-    if len(systems) < 2:
+    if len(systems) + num_references < 2:
         raise ConfigError(f"evaluate_models: {len(systems)} model(s) ({[m.name for m in systems]}"
-                          ", reference included); a side-by-side evaluation needs at least 2.")
+                          ", reference included) and no reference_audio; a side-by-side "
+                          "evaluation needs at least 2 systems.")
     for m in systems:
         if not m.name or not str(m.name).strip():
             raise ConfigError("evaluate_models: every model needs a non-empty name.")
@@ -745,6 +746,37 @@ def _write_audio(out_dir, prefix, tokenizer, sampled, count):
     return listen.write_wavs(clips, tokenizer.sample_rate, audio_dir, prefix)
 
 
+def choose_sampling(model: ModelUnderTest, candidates: Sequence[decoding.SamplingConfig],
+                    prompts, tokenizer, panel: raters.RaterPanel, *, num_captions: int,
+                    seed: int = 0, batch_size: int = 64):
+    """The sampling settings (temperature, top-k, classifier-free guidance) under which the
+    model's clips for the first `num_captions` prompts have the highest mean noise-free utility
+    for `panel`. Choose on captions and raters the evaluation does not use (the demo: validation
+    captions, training raters; it evaluates on test captions with held-out raters).
+
+    Returns (best SamplingConfig, one row per candidate: its settings, "utility" and the mean
+    text-adherence and musicality attributes), every candidate sampled with the same keys.
+    """
+    if not candidates:
+        raise ConfigError("choose_sampling: no candidate SamplingConfig given.")
+    captions = np.asarray(prompts.caption_tokens, np.int32)[:num_captions]
+    metas = list(prompts.metas[:num_captions])
+    rngs = decoding.example_rngs(jax.random.PRNGKey(seed), len(captions))
+    shown = features.GROUPS["text"] + features.GROUPS["musicality"]
+    rows = []
+    for sampling in candidates:
+        codes = np.concatenate([np.asarray(decoding.sample(
+            model.lm_config, model.params, captions[s:s + batch_size],
+            rngs[s:s + batch_size], num_frames=model.lm_config.max_frames,
+            sampling=sampling)["codes"]) for s in range(0, len(captions), batch_size)])
+        attributes, _ = _measure(tokenizer.decode(codes), tokenizer.sample_rate, metas, None)
+        rows.append({**dataclasses.asdict(sampling),
+                     "utility": float(panel.utilities(attributes).mean()),
+                     **{a: float(np.mean([x[a] for x in attributes])) for a in shown}})
+    best = max(range(len(rows)), key=lambda i: rows[i]["utility"])
+    return candidates[best], rows
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 
@@ -771,8 +803,8 @@ def evaluate_models(models: Sequence[ModelUnderTest], reference: ModelUnderTest,
       ({name: {text attribute: mean against another caption}}), chance ({text attribute:
       baseline}), headroom ({name: {text attribute: fraction}}, {} without reference_audio),
       caption_derangement (caption i's clips are scored against caption perm[i] for the
-      chance baseline; None for one caption), attribute_breakdown, judgements (one record per comparison), paths (report, plots,
-      audio, and spectrograms_png with reference_audio).
+      chance baseline; None for one caption), attribute_breakdown, judgements (one record per
+      comparison), paths (report, plots, audio, and spectrograms_png with reference_audio).
 
     num_frames defaults to the smallest max_frames of the models; batch_size caps the number
     of captions sampled per call (per-example keys make the clips independent of it).
@@ -782,7 +814,8 @@ def evaluate_models(models: Sequence[ModelUnderTest], reference: ModelUnderTest,
     adds the "original" and "tokenized" reference systems and spectrograms.png.
     """
     systems = _check_inputs(models, reference, prompts, tokenizer, eval_panel, num_captions,
-                            reward_models)
+                            reward_models,
+                            len(REFERENCE_SYSTEMS) if reference_audio is not None else 0)
     if reference_audio is not None:
         _check_reference_audio(reference_audio, systems, num_captions)
     if batch_size < 1:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import gin
 import jax
@@ -26,14 +26,15 @@ from musicrl_jax.training import trainer
 from musicrl_jax.training.trainer import eval_history
 
 
-def _music_prompts(assets_dir: str, count: int, caption_length: int, vocab_limit: int):
+def _music_prompts(assets_dir: str, count: int, caption_length: int, vocab_limit: int,
+                   split: str):
     from musicrl_jax.data import tasks, vocab
     vocabulary = vocab.load_caption_vocabulary(os.path.join(assets_dir, "vocab"))
     if vocabulary.vocab_size > vocab_limit:
         raise ConfigError(
             f"The caption vocabulary has {vocabulary.vocab_size} pieces but "
             f"MusicLMConfig.caption_vocab_size={vocab_limit}. Fix: raise CAPTION_VOCAB_SIZE.")
-    prompts = tasks.prompts("validation", caption_length)
+    prompts = tasks.prompts(split, caption_length)
     return prompts["caption_tokens"][:count], [str(c) for c in prompts["caption"][:count]]
 
 
@@ -50,6 +51,37 @@ def _write_audio(assets_dir: str, codes, run_dir: str) -> list[str]:
     return wavs
 
 
+def pretrained_lm_stage(pretrain_task: Callable, run_dir: str, pretrained_lm: str | None):
+    """(pretraining run directory, LM config, params): the checkpoint of a longer pretraining
+    run (`make pretrain-music`) when `pretrained_lm` holds one, else the demo's own pretraining
+    in `run_dir/pretrain`."""
+    from musicrl_jax.models.music_lm import MusicLMConfig
+    from musicrl_jax.training import rl_finetune
+    if pretrained_lm and os.path.isdir(os.path.join(pretrained_lm, "checkpoints")):
+        directory = os.path.abspath(pretrained_lm)
+        _, step, meta = rl_finetune.policy_checkpoint(directory)
+        config = MusicLMConfig(**meta["model_config"])
+        with gin.config_scope("pretrain"):
+            demo_config = MusicLMConfig()
+        if (config.num_codebooks, config.codebook_size, config.caption_vocab_size) != (
+                demo_config.num_codebooks, demo_config.codebook_size,
+                demo_config.caption_vocab_size):
+            raise ConfigError(
+                f"The pretrained LM in {directory} was trained on {config.num_codebooks} "
+                f"codebooks of {config.codebook_size} and {config.caption_vocab_size} caption "
+                "pieces, but the demo's data has "
+                f"{demo_config.num_codebooks} x {demo_config.codebook_size} and "
+                f"{demo_config.caption_vocab_size}. Fix: rerun `make pretrain-music` on this "
+                "data, or set demo.pretrained_lm = None.")
+        print(f"== pretrained LM: {directory} (step {step}; `make pretrain-music`) ==",
+              flush=True)
+        return directory, config, rl_finetune.restore_policy_params(config, directory), step
+    print("== pretrain the music LM ==", flush=True)
+    result = train_stage("pretrain", pretrain_task, run_dir)
+    return (os.path.join(run_dir, "pretrain"), result["task"].config, result["state"].params,
+            result["step"])
+
+
 def train_stage(name: str, task_factory: Callable, run_dir: str) -> dict:
     """Trains one stage in `run_dir/name` under the gin scope `name`, so a run file can set
     e.g. `text_reward/train.num_steps` apart from the other stages."""
@@ -59,7 +91,7 @@ def train_stage(name: str, task_factory: Callable, run_dir: str) -> dict:
     return {**result, "task": task}
 
 
-def _collection_prompts(assets_dir: str, caption_length: int, split: str = "train"):
+def collection_prompts(assets_dir: str, caption_length: int, split: str = "train"):
     """A split's captions with the metadata of the clip each was written for."""
     from musicrl_jax.collection import Prompts
     from musicrl_jax.data import corpus, tasks
@@ -69,18 +101,24 @@ def _collection_prompts(assets_dir: str, caption_length: int, split: str = "trai
     return Prompts(prompts["caption_tokens"], [str(c) for c in prompts["caption"]], metas)
 
 
+def corpus_renders(assets_dir: str, prompts, count: int) -> list[np.ndarray]:
+    """The corpus renders the first `count` prompts' captions were written for: evaluation's
+    "original" reference (and, through the tokenizer, its "tokenized" one)."""
+    from musicrl_jax.data.musicrl_music import read_wav
+    corpus_dir = os.path.join(assets_dir, "corpus")
+    return [read_wav(os.path.join(corpus_dir, meta["wav"])) for meta in prompts.metas[:count]]
+
+
 def feedback_stages(run_dir: str, assets_dir: str, lm_config, lm_params, quality_reward_task,
-                    preference_reward_task, *, num_raters: int, num_ratings: int,
+                    preference_reward_task, *, train_raters, eval_raters, num_ratings: int,
                     num_preference_pairs: int, batch_size: int, seed: int) -> dict:
-    """The rater panel rates / compares the pretrained LM's clips; the quality and preference
-    rewards train on those judgements. Raters held out here are kept for evaluation."""
-    from musicrl_jax import collection, raters
+    """The training raters rate / compare the pretrained LM's clips; the quality and preference
+    rewards train on those judgements. The held-out raters are kept for evaluation."""
+    from musicrl_jax import collection
     from musicrl_jax.audio.tokenizer import load_tokenizer
     from musicrl_jax.data import feedback
     tokenizer = load_tokenizer(os.path.join(assets_dir, "tokenizer"))
-    panel = raters.RaterPanel.sample(num_raters, seed)
-    train_raters, eval_raters = raters.split_raters(panel, 0.3, seed)
-    prompts = _collection_prompts(assets_dir, lm_config.max_caption_length)
+    prompts = collection_prompts(assets_dir, lm_config.max_caption_length)
     common = dict(lm_config=lm_config, params=lm_params, tokenizer=tokenizer,
                   panel=train_raters, prompts=prompts, batch_size=batch_size, seed=seed,
                   mesh=partitioning.make_mesh())
@@ -105,7 +143,7 @@ def feedback_stages(run_dir: str, assets_dir: str, lm_config, lm_params, quality
 
 
 def rl_stages(run_dir: str, assets_dir: str, lm_config, reward_tasks: dict,
-              experiments: dict[str, dict]) -> dict:
+              experiments: dict[str, dict], pretrain_dir: str) -> dict:
     """MusicRL fine-tuning runs, in order: {name: {"rewards": {reward: weight}, "init": stage}}
     where a reward 'text' is the stage `text_reward` trained above and "init" (default
     'pretrain') names the stage whose policy it starts from (MusicRL-RU: 'musicrl_r'). The KL
@@ -113,7 +151,6 @@ def rl_stages(run_dir: str, assets_dir: str, lm_config, reward_tasks: dict,
     from musicrl_jax import rewards as rewards_lib
     from musicrl_jax.data import tasks
     from musicrl_jax.training.rl_finetune import rl_finetune
-    pretrain_dir = os.path.join(run_dir, "pretrain")
     results = {}
     for name, spec in experiments.items():
         weights = dict(spec["rewards"])
@@ -135,7 +172,8 @@ def rl_stages(run_dir: str, assets_dir: str, lm_config, reward_tasks: dict,
 
         print(f"== RL fine-tuning: {name} (rewards {weights}, from {init}) ==", flush=True)
         results[name] = rl_finetune(
-            lm_config=lm_config, init_checkpoint=os.path.join(run_dir, init),
+            lm_config=lm_config,
+            init_checkpoint=pretrain_dir if init == "pretrain" else os.path.join(run_dir, init),
             reference_checkpoint=pretrain_dir, rewards=combination,
             caption_source=lambda: tasks.prompt_source(split="train"),
             eval_source=lambda: tasks.prompt_source(split="validation"),
@@ -193,9 +231,18 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
          collect_batch_size: int = 32, num_eval_captions: int = 32,
          num_sample_captions: int = 8, sample_frames: int | None = None,
          rl_experiments: dict[str, dict] | None = None, export_policy: str = "musicrl_ru",
-         sampling=decoding.SamplingConfig(), seed: int = 0):
+         sampling=decoding.SamplingConfig(),
+         sampling_candidates: Sequence[decoding.SamplingConfig] = (),
+         num_sampling_captions: int = 64, pretrained_lm: str | None = None,
+         eval_split: str = "test", seed: int = 0):
     """Runs the recipe's stages in order. Tasks are factories, called after the data stage so
-    that their sources read the freshly built data."""
+    that their sources read the freshly built data.
+
+    pretrained_lm: a longer pretraining run (`make pretrain-music`) used instead of the demo's
+    own pretraining when it holds a checkpoint. sampling_candidates: when given, the sampling
+    settings for evaluation and samples are chosen among them (training raters, validation
+    captions; `evaluation.choose_sampling`) instead of `sampling`; the evaluation runs on
+    `eval_split` captions with the held-out raters."""
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     assets = None
@@ -204,13 +251,13 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
         assets = prepare_data()
         register_tasks()
 
-    print("== pretrain the music LM ==", flush=True)
-    result = train_stage("pretrain", pretrain_task, run_dir)
-    task = result["task"]
-    pretrain_dir = os.path.join(run_dir, "pretrain")
+    from musicrl_jax import raters
+    train_raters, eval_raters = raters.split_raters(raters.RaterPanel.sample(num_raters, seed),
+                                                    0.3, seed)
+    pretrain_dir, config, lm_params, pretrain_step = pretrained_lm_stage(
+        pretrain_task, run_dir, pretrained_lm)
     history = eval_history(pretrain_dir)
     first, last = min(history), max(history)
-    config = task.config
 
     text_reward = None
     if text_reward_task is not None:
@@ -220,8 +267,8 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
     feedback_results = {}
     if assets and (quality_reward_task or preference_reward_task):
         feedback_results = feedback_stages(
-            run_dir, assets, config, result["state"].params, quality_reward_task,
-            preference_reward_task, num_raters=num_raters, num_ratings=num_ratings,
+            run_dir, assets, config, lm_params, quality_reward_task, preference_reward_task,
+            train_raters=train_raters, eval_raters=eval_raters, num_ratings=num_ratings,
             num_preference_pairs=num_preference_pairs, batch_size=collect_batch_size, seed=seed)
 
     rl_results = {}
@@ -229,18 +276,33 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
         stages = {"text_reward": text_reward, **feedback_results}
         reward_tasks = {name: stages[name]["task"] for name in
                         ("text_reward", "quality_reward", "preference_reward") if stages.get(name)}
-        rl_results = rl_stages(run_dir, assets, config, reward_tasks, rl_experiments)
+        rl_results = rl_stages(run_dir, assets, config, reward_tasks, rl_experiments,
+                               pretrain_dir)
+
+    sampling_rows = []
+    if assets and sampling_candidates:
+        from musicrl_jax import evaluation
+        from musicrl_jax.audio.tokenizer import load_tokenizer
+        print("== choose sampling settings (validation captions, training raters) ==",
+              flush=True)
+        validation = collection_prompts(assets, config.max_caption_length, "validation")
+        sampling, sampling_rows = evaluation.choose_sampling(
+            evaluation.ModelUnderTest("pretrained LM", config, lm_params), sampling_candidates,
+            validation, load_tokenizer(os.path.join(assets, "tokenizer")), train_raters,
+            num_captions=min(num_sampling_captions, len(validation.captions)), seed=seed)
+        print(f"chose {sampling}", flush=True)
 
     print("== sample held-out captions ==", flush=True)
     if assets:
         captions, caption_texts = _music_prompts(assets, num_sample_captions,
                                                  config.max_caption_length,
-                                                 config.caption_vocab_size)
+                                                 config.caption_vocab_size, eval_split)
     else:
-        captions = next(task.eval_source.eval_batches(num_sample_captions))["caption_tokens"]
+        eval_source = pretrain_task().eval_source
+        captions = next(eval_source.eval_batches(num_sample_captions))["caption_tokens"]
         caption_texts = [" ".join(map(str, c[c > 0])) for c in captions]
     frames = sample_frames or config.max_frames
-    samples = decoding.sample(config, result["state"].params, captions,
+    samples = decoding.sample(config, lm_params, captions,
                               decoding.example_rngs(jax.random.PRNGKey(seed), len(captions)),
                               num_frames=frames, sampling=sampling)
     codes = np.asarray(samples["codes"])
@@ -254,27 +316,24 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
     if assets and "eval_panel" in feedback_results:
         from musicrl_jax import evaluation
         from musicrl_jax.audio.tokenizer import load_tokenizer
-        print("== evaluate (held-out raters, rewards, KL) ==", flush=True)
-        lm_params = result["state"].params
+        print("== evaluate (held-out raters, rewards, KL; original and tokenized references) "
+              "==", flush=True)
         reference = evaluation.ModelUnderTest("pretrained LM", config, lm_params, sampling)
         models = [reference] + [
             evaluation.ModelUnderTest(RL_DISPLAY_NAMES.get(name, name), config,
                                       rl_result["state"].params, sampling)
             for name, rl_result in rl_results.items()]
-        if not rl_results:  # no policies to compare: show what sampling settings change
-            models.append(evaluation.ModelUnderTest(
-                "pretrained LM (T=0.8, top-k 50)", config, lm_params,
-                decoding.SamplingConfig(temperature=0.8, top_k=min(50, config.codebook_size))))
         stages = {"text_reward": text_reward, **feedback_results}
         reward_models = {name: (jax.jit(stages[name]["task"].score), stages[name]["state"].params)
                          for name in ("text_reward", "quality_reward", "preference_reward")
                          if stages.get(name)}
-        eval_prompts = _collection_prompts(assets, config.max_caption_length, "validation")
+        eval_prompts = collection_prompts(assets, config.max_caption_length, eval_split)
+        num_eval = min(num_eval_captions, len(eval_prompts.captions))
         evaluation_result = evaluation.evaluate_models(
             models, reference, eval_prompts, load_tokenizer(os.path.join(assets, "tokenizer")),
-            feedback_results["eval_panel"], os.path.join(run_dir, "evaluation"),
-            num_captions=min(num_eval_captions, len(eval_prompts.captions)),
-            reward_models=reward_models, seed=seed)
+            eval_raters, os.path.join(run_dir, "evaluation"), num_captions=num_eval,
+            reward_models=reward_models, seed=seed,
+            reference_audio=corpus_renders(assets, eval_prompts, num_eval))
 
     serving = None
     if assets and rl_results and export_policy:
@@ -302,7 +361,8 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
             "`samples/*.tokenized_000.wav`", ""]
     report += [
         "## Pretraining (music LM, next-token loss)", "",
-        f"- steps: {result['step']}",
+        f"- steps: {pretrain_step}" + (" (`make pretrain-music`)" if pretrain_dir != os.path.join(
+            run_dir, "pretrain") else ""),
         f"- validation loss: {history[first]['loss']:.4f} (step {first}) -> "
         f"{history[last]['loss']:.4f} (step {last})",
         f"- checkpoints: `{os.path.join(pretrain_dir, 'checkpoints')}`", "",

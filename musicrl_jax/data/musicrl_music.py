@@ -34,7 +34,7 @@ SPLITS = ("train", "validation", "test")
 
 @dataclasses.dataclass
 class MusicrlMusicConfig(tfds.core.BuilderConfig):
-    num_clips: int = 2000
+    num_clips: int = 4000
     clip_seconds: float = 5.0
     # The demo's codec: 25 token frames/s and two codebooks of 512 keep the tempo and key of the
     # renders as well as 50 frames/s x 4 x 256 did (benchmarks/lm_quality.py), in a quarter of
@@ -53,7 +53,7 @@ def assets_dir(data_dir: str, config_name: str) -> str:
     return os.path.join(os.path.abspath(data_dir), "musicrl_music_assets", config_name)
 
 
-def _read_wav(path: str) -> np.ndarray:
+def read_wav(path: str) -> np.ndarray:
     audio, _ = sf.read(path, dtype="float32", always_2d=False)
     return audio if audio.ndim == 1 else audio.mean(axis=1)
 
@@ -63,9 +63,10 @@ class MusicrlMusic(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {"1.0.0": "Rendered music21 corpus, mel-RVQ tokens, SentencePiece captions.",
-                     "1.1.0": "demo: 25 frames/s, 2 codebooks of 512, 128 mels (n_fft 2048)."}
+                     "1.1.0": "demo: 4,000 clips; 25 frames/s, 2 codebooks of 512, 128 mels "
+                              "(n_fft 2048)."}
     BUILDER_CONFIGS = [
-        MusicrlMusicConfig(name="demo", description="~2,000 clips of 5 s: the CPU demo."),
+        MusicrlMusicConfig(name="demo", description="~4,000 clips of 5 s: the CPU demo."),
         MusicrlMusicConfig(name="paper", description="~20,000 clips of 10 s, as the paper's.",
                            num_clips=20000, clip_seconds=10.0, num_codebooks=4,
                            codebook_size=1024, hop_length=320, n_fft=1024, n_mels=80),
@@ -131,7 +132,7 @@ class MusicrlMusic(tfds.core.GeneratorBasedBuilder):
             print(f"musicrl_music: the tokenizer in {path} was fitted with other settings; "
                   "refitting.", file=sys.stderr)
         start = time.perf_counter()
-        waveforms = [_read_wav(os.path.join(corpus_dir, c.wav)) for c in train_clips]
+        waveforms = [read_wav(os.path.join(corpus_dir, c.wav)) for c in train_clips]
         tokenizer = MelRVQTokenizer(**wanted).fit(waveforms)
         tokenizer.save(path)
         print(f"musicrl_music: fitted the audio tokenizer on {len(waveforms)} clips in "
@@ -141,7 +142,7 @@ class MusicrlMusic(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, corpus_dir, clips, tokenizer, split):
         for clip in tqdm(clips, desc=f"encode {split}", mininterval=2.0):
             wav_path = os.path.join(corpus_dir, clip.wav)
-            tokens = tokenizer.encode(_read_wav(wav_path))
+            tokens = tokenizer.encode(read_wav(wav_path))
             yield clip.clip_id, {
                 "clip_id": clip.clip_id,
                 "caption": clip.caption,

@@ -86,8 +86,8 @@ def register_tasks(data_dir: str = gin.REQUIRED, config_name: str = "demo") -> N
     builder_config = next(c for c in MusicrlMusic.BUILDER_CONFIGS if c.name == config_name)
     vocabulary = vocab_lib.load_caption_vocabulary(
         f"{assets_dir(data_dir, config_name)}/vocab")
-    source = seqio.TfdsDataSource(tfds_name=f"musicrl_music/{config_name}:1.0.0",
-                                  tfds_data_dir=data_dir)
+    source = seqio.TfdsDataSource(
+        tfds_name=f"musicrl_music/{config_name}:{MusicrlMusic.VERSION}", tfds_data_dir=data_dir)
     caption_feature = seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)
     add_pretrain_task(PRETRAIN_TASK, source, vocabulary, builder_config.codebook_size,
                       builder_config.num_codebooks)
