@@ -42,6 +42,32 @@ def test_tiny_dataset_yields_documented_shapes(tiny_data):
     assert prompts["caption_tokens"].shape == (counts["validation"], 40)
 
 
+def test_a_tokenizer_fitted_with_other_settings_is_refitted(tiny_data, tmp_path):
+    import os
+
+    from musicrl_jax.audio.tokenizer import MelRVQTokenizer, load_tokenizer
+    from musicrl_jax.data import corpus
+    data_dir, assets = tiny_data
+    builder = musicrl_music.MusicrlMusic(config="tiny", data_dir=data_dir)
+    cfg = builder.builder_config
+    fitted = load_tokenizer(f"{assets}/tokenizer").config()
+    assert (fitted["num_codebooks"], fitted["codebook_size"], fitted["hop_length"],
+            fitted["n_fft"], fitted["n_mels"]) == (cfg.num_codebooks, cfg.codebook_size,
+                                                    cfg.hop_length, cfg.n_fft, cfg.n_mels)
+    # A stale tokenizer (an earlier codec setting) in the assets is refitted, not reused.
+    corpus_dir = f"{assets}/corpus"
+    train = corpus.load_manifest(corpus_dir, "train")
+    stale = MelRVQTokenizer(num_codebooks=1, codebook_size=8, kmeans_max_iters=2).fit(
+        [musicrl_music.read_wav(os.path.join(corpus_dir, c.wav)) for c in train[:4]])
+    builder._data_dir_root = str(tmp_path)  # `builder.assets` -> a scratch directory
+    scratch_tokenizer = f"{musicrl_music.assets_dir(str(tmp_path), 'tiny')}/tokenizer"
+    stale.save(scratch_tokenizer)
+    refitted = builder._fit_tokenizer(corpus_dir, train)
+    assert (refitted.num_codebooks, refitted.codebook_size) == (cfg.num_codebooks,
+                                                                cfg.codebook_size)
+    assert load_tokenizer(scratch_tokenizer).codebook_size == cfg.codebook_size
+
+
 def _records_task(records, vocab_dir, name="musicrl_test_records"):
 
     def dataset_fn(split, shuffle_files, seed=None):

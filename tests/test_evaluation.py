@@ -330,3 +330,30 @@ def test_bad_reference_audio_is_a_clear_error(setup, tmp_path):
     tokenized = ModelUnderTest("tokenized", setup["tiny_config"], setup["tiny_params"])
     with pytest.raises(ConfigError, match=r"\['tokenized'\] are taken by the reference"):
         evaluate([ref, tokenized], good)
+
+
+def test_choose_sampling_picks_the_setting_the_panel_likes_best(setup):
+    from musicrl_jax.audio import features
+    candidates = [decoding.SamplingConfig(), decoding.SamplingConfig(temperature=0.3),
+                  decoding.SamplingConfig()]
+    num = 8
+    best, rows = evaluation.choose_sampling(setup["reference"], candidates, setup["prompts"],
+                                            setup["tokenizer"], setup["eval_panel"],
+                                            num_captions=num, seed=3)
+    assert len(rows) == 3 and rows[0] == rows[2]  # same keys: same clips, same utility
+    assert rows[0]["utility"] != rows[1]["utility"]
+    assert best is candidates[int(np.argmax([r["utility"] for r in rows]))]
+    # The utility is the panel's mean over exactly these clips.
+    config, params = setup["tiny_config"], setup["tiny_params"]
+    codes = decoding.sample(config, params, np.asarray(setup["prompts"].caption_tokens)[:num],
+                            decoding.example_rngs(jax.random.PRNGKey(3), num),
+                            num_frames=config.max_frames, sampling=candidates[1])["codes"]
+    waveforms = setup["tokenizer"].decode(np.asarray(codes))
+    attributes = features.batch_attributes(list(waveforms), setup["tokenizer"].sample_rate,
+                                           setup["prompts"].metas[:num])
+    assert rows[1]["utility"] == pytest.approx(
+        float(setup["eval_panel"].utilities(attributes).mean()), rel=1e-6)
+    assert rows[1]["key_match"] == pytest.approx(np.mean([a["key_match"] for a in attributes]))
+    with pytest.raises(ConfigError, match="no candidate"):
+        evaluation.choose_sampling(setup["reference"], [], setup["prompts"], setup["tokenizer"],
+                                   setup["eval_panel"], num_captions=num)

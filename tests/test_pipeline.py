@@ -1,0 +1,55 @@
+"""The demo's use of a longer pretraining run (`make pretrain-music`) instead of its own."""
+
+import dataclasses
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from conftest import TINY, toy_task
+from musicrl_jax import pipeline
+from musicrl_jax.errors import ConfigError
+from musicrl_jax.training import trainer
+
+
+def _bind_demo_lm(config):
+    gin.parse_config([f"pretrain/MusicLMConfig.{field.name} = {getattr(config, field.name)!r}"
+                      for field in dataclasses.fields(config)])
+
+
+def _no_pretraining():
+    raise AssertionError("the demo pretrained its own LM although a pretrained one was given")
+
+
+@pytest.fixture(scope="module")
+def pretrain_music(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("pretrain_music"))
+    result = trainer.train(task=toy_task(), workdir=workdir, num_steps=3, batch_size=8,
+                           eval_every=3, checkpoint_every=3, show_progress=False)
+    return workdir, result
+
+
+def test_the_demo_takes_the_longer_run_s_lm(pretrain_music, tmp_path):
+    workdir, result = pretrain_music
+    _bind_demo_lm(TINY)
+    directory, config, params, step = pipeline.pretrained_lm_stage(
+        _no_pretraining, str(tmp_path / "demo"), workdir)
+    assert directory == workdir and step == 3 and config == TINY
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(result["state"].params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_longer_run_on_other_tokens_is_a_clear_error(pretrain_music, tmp_path):
+    workdir, _ = pretrain_music
+    _bind_demo_lm(dataclasses.replace(TINY, codebook_size=64))
+    with pytest.raises(ConfigError, match="make pretrain-music"):
+        pipeline.pretrained_lm_stage(_no_pretraining, str(tmp_path / "demo"), workdir)
+
+
+def test_without_a_longer_run_the_demo_pretrains(tmp_path):
+    gin.parse_config(["pretrain/train.num_steps = 2", "pretrain/train.batch_size = 8",
+                      "pretrain/train.eval_every = 2", "pretrain/train.show_progress = False"])
+    directory, config, _, step = pipeline.pretrained_lm_stage(
+        toy_task, str(tmp_path / "demo"), str(tmp_path / "missing"))
+    assert directory == str(tmp_path / "demo" / "pretrain") and step == 2 and config == TINY
