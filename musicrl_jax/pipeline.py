@@ -411,6 +411,13 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
                 f"{summary['train'].get('samples_per_sec', float('nan')):.1f} samples/s -> "
                 f"`{name}/` (metrics.jsonl, tensorboard, samples/)")
         report.append("")
+    if sampling_rows:
+        shown = [k for k in sampling_rows[0] if k not in ("top_k",)]
+        report += ["## Sampling settings (validation captions, training raters' mean utility)",
+                   "", "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+        report += ["| " + " | ".join(f"{row[k]:.3g}" for k in shown) + " |"
+                   for row in sampling_rows]
+        report += ["", f"Chosen: {sampling}", ""]
     if evaluation_result:
         report += ["## Side-by-side evaluation (held-out raters, rewards, KL)", "",
                    "- report: `evaluation/report.html` (`evaluation/report.md`)", ""]
