@@ -82,6 +82,25 @@ def pretrained_lm_stage(pretrain_task: Callable, run_dir: str, pretrained_lm: st
             result["step"])
 
 
+def check_same_lm(run_dir: str, pretrain_dir: str, step: int) -> None:
+    """Every later stage of a run directory (feedback, rewards, RL) was made from one pretrained
+    LM; resuming them on another one would mix the two silently."""
+    path = os.path.join(run_dir, "pretrained_lm.json")
+    current = {"directory": os.path.abspath(pretrain_dir), "step": int(step)}
+    if os.path.exists(path):
+        with open(path) as f:
+            recorded = json.load(f)
+        if recorded != current:
+            raise ConfigError(
+                f"{run_dir} was made from the pretrained LM {recorded['directory']} at step "
+                f"{recorded['step']}, but this run's LM is {current['directory']} at step "
+                f"{current['step']} (see {path}). Fix: run the demo in a new run directory "
+                "(make demo RUN_DIR=runs/demo2), or delete the old one.")
+        return
+    with open(path, "w") as f:
+        json.dump(current, f)
+
+
 def train_stage(name: str, task_factory: Callable, run_dir: str) -> dict:
     """Trains one stage in `run_dir/name` under the gin scope `name`, so a run file can set
     e.g. `text_reward/train.num_steps` apart from the other stages."""
@@ -256,6 +275,7 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
                                                     0.3, seed)
     pretrain_dir, config, lm_params, pretrain_step = pretrained_lm_stage(
         pretrain_task, run_dir, pretrained_lm)
+    check_same_lm(run_dir, pretrain_dir, pretrain_step)
     history = eval_history(pretrain_dir)
     first, last = min(history), max(history)
 

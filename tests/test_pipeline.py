@@ -53,3 +53,13 @@ def test_without_a_longer_run_the_demo_pretrains(tmp_path):
     directory, config, _, step = pipeline.pretrained_lm_stage(
         toy_task, str(tmp_path / "demo"), str(tmp_path / "missing"))
     assert directory == str(tmp_path / "demo" / "pretrain") and step == 2 and config == TINY
+
+
+def test_a_run_directory_refuses_another_lm(tmp_path):
+    run_dir = str(tmp_path)
+    pipeline.check_same_lm(run_dir, "runs/demo/pretrain", 1000)
+    pipeline.check_same_lm(run_dir, "runs/demo/pretrain", 1000)  # a rerun: the same LM
+    with pytest.raises(ConfigError, match="new run directory"):
+        pipeline.check_same_lm(run_dir, "runs/pretrain_music", 1000)
+    with pytest.raises(ConfigError, match="at step 1000"):
+        pipeline.check_same_lm(run_dir, "runs/demo/pretrain", 1500)
