@@ -10,7 +10,7 @@ TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
   DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq
 
-.PHONY: install system-deps browser-deps demo pretrain-music test bench clean
+.PHONY: install system-deps browser-deps demo test bench clean
 
 install: system-deps $(VENV)/.installed
 
@@ -36,11 +36,6 @@ $(VENV)/.installed: setup.py requirements.lock
 
 demo: install
 	$(PY) -m musicrl_jax.main --gin_file=local/demo.gin --gin_bindings="RUN_DIR='$(RUN_DIR)'"
-
-# A longer pretraining (~1.5 h on 2 cores, resumable) whose LM `make demo` then uses.
-pretrain-music: install
-	$(PY) -m musicrl_jax.data.build --data_dir data_cache --config demo
-	$(PY) -m musicrl_jax.main --gin_file=local/pretrain_music.gin
 
 test: install browser-deps
 	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q --durations=15 tests

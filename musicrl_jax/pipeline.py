@@ -52,9 +52,9 @@ def _write_audio(assets_dir: str, codes, run_dir: str) -> list[str]:
 
 
 def pretrained_lm_stage(pretrain_task: Callable, run_dir: str, pretrained_lm: str | None):
-    """(pretraining run directory, LM config, params): the checkpoint of a longer pretraining
-    run (`make pretrain-music`) when `pretrained_lm` holds one, else the demo's own pretraining
-    in `run_dir/pretrain`."""
+    """(pretraining run directory, LM config, params, step): the checkpoint of another
+    pretraining run on this data when `pretrained_lm` holds one, else the demo's own
+    pretraining in `run_dir/pretrain`."""
     from musicrl_jax.models.music_lm import MusicLMConfig
     from musicrl_jax.training import rl_finetune
     if pretrained_lm and os.path.isdir(os.path.join(pretrained_lm, "checkpoints")):
@@ -71,10 +71,9 @@ def pretrained_lm_stage(pretrain_task: Callable, run_dir: str, pretrained_lm: st
                 f"codebooks of {config.codebook_size} and {config.caption_vocab_size} caption "
                 "pieces, but the demo's data has "
                 f"{demo_config.num_codebooks} x {demo_config.codebook_size} and "
-                f"{demo_config.caption_vocab_size}. Fix: rerun `make pretrain-music` on this "
-                "data, or set demo.pretrained_lm = None.")
-        print(f"== pretrained LM: {directory} (step {step}; `make pretrain-music`) ==",
-              flush=True)
+                f"{demo_config.caption_vocab_size}. Fix: pretrain that LM on this data, or set "
+                "demo.pretrained_lm = None.")
+        print(f"== pretrained LM: {directory} (step {step}; demo.pretrained_lm) ==", flush=True)
         return directory, config, rl_finetune.restore_policy_params(config, directory), step
     print("== pretrain the music LM ==", flush=True)
     result = train_stage("pretrain", pretrain_task, run_dir)
@@ -257,8 +256,8 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
     """Runs the recipe's stages in order. Tasks are factories, called after the data stage so
     that their sources read the freshly built data.
 
-    pretrained_lm: a longer pretraining run (`make pretrain-music`) used instead of the demo's
-    own pretraining when it holds a checkpoint. sampling_candidates: when given, the sampling
+    pretrained_lm: another pretraining run on this data, used instead of the demo's own
+    pretraining when it holds a checkpoint. sampling_candidates: when given, the sampling
     settings for evaluation and samples are chosen among them (training raters, validation
     captions; `evaluation.choose_sampling`) instead of `sampling`; the evaluation runs on
     `eval_split` captions with the held-out raters."""
@@ -381,8 +380,9 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
             "`samples/*.tokenized_000.wav`", ""]
     report += [
         "## Pretraining (music LM, next-token loss)", "",
-        f"- steps: {pretrain_step}" + (" (`make pretrain-music`)" if pretrain_dir != os.path.join(
-            run_dir, "pretrain") else ""),
+        f"- steps: {pretrain_step}" + (
+            "" if pretrain_dir == os.path.join(run_dir, "pretrain")
+            else f" (demo.pretrained_lm: `{pretrain_dir}`)"),
         f"- validation loss: {history[first]['loss']:.4f} (step {first}) -> "
         f"{history[last]['loss']:.4f} (step {last})",
         f"- checkpoints: `{os.path.join(pretrain_dir, 'checkpoints')}`", "",

@@ -1,4 +1,4 @@
-"""The demo's use of a longer pretraining run (`make pretrain-music`) instead of its own."""
+"""The demo's use of another pretraining run's LM (demo.pretrained_lm) instead of its own."""
 
 import dataclasses
 
@@ -23,15 +23,15 @@ def _no_pretraining():
 
 
 @pytest.fixture(scope="module")
-def pretrain_music(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("pretrain_music"))
+def other_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("other_pretraining"))
     result = trainer.train(task=toy_task(), workdir=workdir, num_steps=3, batch_size=8,
                            eval_every=3, checkpoint_every=3, show_progress=False)
     return workdir, result
 
 
-def test_the_demo_takes_the_longer_run_s_lm(pretrain_music, tmp_path):
-    workdir, result = pretrain_music
+def test_the_demo_takes_another_run_s_lm(other_run, tmp_path):
+    workdir, result = other_run
     _bind_demo_lm(TINY)
     directory, config, params, step = pipeline.pretrained_lm_stage(
         _no_pretraining, str(tmp_path / "demo"), workdir)
@@ -40,10 +40,10 @@ def test_the_demo_takes_the_longer_run_s_lm(pretrain_music, tmp_path):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
-def test_a_longer_run_on_other_tokens_is_a_clear_error(pretrain_music, tmp_path):
-    workdir, _ = pretrain_music
+def test_another_run_on_other_tokens_is_a_clear_error(other_run, tmp_path):
+    workdir, _ = other_run
     _bind_demo_lm(dataclasses.replace(TINY, codebook_size=64))
-    with pytest.raises(ConfigError, match="make pretrain-music"):
+    with pytest.raises(ConfigError, match="pretrain that LM on this data"):
         pipeline.pretrained_lm_stage(_no_pretraining, str(tmp_path / "demo"), workdir)
 
 
@@ -60,6 +60,6 @@ def test_a_run_directory_refuses_another_lm(tmp_path):
     pipeline.check_same_lm(run_dir, "runs/demo/pretrain", 1000)
     pipeline.check_same_lm(run_dir, "runs/demo/pretrain", 1000)  # a rerun: the same LM
     with pytest.raises(ConfigError, match="new run directory"):
-        pipeline.check_same_lm(run_dir, "runs/pretrain_music", 1000)
+        pipeline.check_same_lm(run_dir, "runs/other_pretraining", 1000)
     with pytest.raises(ConfigError, match="at step 1000"):
         pipeline.check_same_lm(run_dir, "runs/demo/pretrain", 1500)
