@@ -74,7 +74,8 @@ def pretrained_lm_stage(pretrain_task: Callable, run_dir: str, pretrained_lm: st
                 f"{demo_config.caption_vocab_size}. Fix: pretrain that LM on this data, or set "
                 "demo.pretrained_lm = None.")
         print(f"== pretrained LM: {directory} (step {step}; demo.pretrained_lm) ==", flush=True)
-        return directory, config, rl_finetune.restore_policy_params(config, directory), step
+        return (directory, config,
+                rl_finetune.restore_policy_params(config, directory, step=step), step)
     print("== pretrain the music LM ==", flush=True)
     result = train_stage("pretrain", pretrain_task, run_dir)
     return (os.path.join(run_dir, "pretrain"), result["task"].config, result["state"].params,
@@ -128,10 +129,10 @@ def corpus_renders(assets_dir: str, prompts, count: int) -> list[np.ndarray]:
 
 
 def feedback_stages(run_dir: str, assets_dir: str, lm_config, lm_params, quality_reward_task,
-                    preference_reward_task, *, train_raters, eval_raters, num_ratings: int,
+                    preference_reward_task, *, train_raters, num_ratings: int,
                     num_preference_pairs: int, batch_size: int, seed: int) -> dict:
     """The training raters rate / compare the pretrained LM's clips; the quality and preference
-    rewards train on those judgements. The held-out raters are kept for evaluation."""
+    rewards train on those judgements (the held-out raters never hear these clips)."""
     from musicrl_jax import collection
     from musicrl_jax.audio.tokenizer import load_tokenizer
     from musicrl_jax.data import feedback
@@ -140,8 +141,7 @@ def feedback_stages(run_dir: str, assets_dir: str, lm_config, lm_params, quality
     common = dict(lm_config=lm_config, params=lm_params, tokenizer=tokenizer,
                   panel=train_raters, prompts=prompts, batch_size=batch_size, seed=seed,
                   mesh=partitioning.make_mesh())
-    results = {"train_raters": len(train_raters), "eval_raters": len(eval_raters),
-               "eval_panel": eval_raters}
+    results = {}
     for kind, task_factory, count, source in (
             ("ratings", quality_reward_task, num_ratings, feedback.ratings_source),
             ("preferences", preference_reward_task, num_preference_pairs,
@@ -287,7 +287,7 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
     if assets and (quality_reward_task or preference_reward_task):
         feedback_results = feedback_stages(
             run_dir, assets, config, lm_params, quality_reward_task, preference_reward_task,
-            train_raters=train_raters, eval_raters=eval_raters, num_ratings=num_ratings,
+            train_raters=train_raters, num_ratings=num_ratings,
             num_preference_pairs=num_preference_pairs, batch_size=collect_batch_size, seed=seed)
 
     rl_results = {}
@@ -332,7 +332,7 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
     wavs = _write_audio(assets, codes, run_dir) if assets else []
 
     evaluation_result = None
-    if assets and "eval_panel" in feedback_results:
+    if assets:
         from musicrl_jax import evaluation
         from musicrl_jax.audio.tokenizer import load_tokenizer
         print("== evaluate (held-out raters, rewards, KL; original and tokenized references) "
@@ -397,8 +397,8 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
                         or "chance" in k),
             f"- checkpoints: `{os.path.join(run_dir, 'text_reward', 'checkpoints')}`", ""]
     if feedback_results:
-        report += [f"## Feedback from the rater panel ({feedback_results['train_raters']} "
-                   f"training raters; {feedback_results['eval_raters']} held out for "
+        report += [f"## Feedback from the rater panel ({len(train_raters)} "
+                   f"training raters; {len(eval_raters)} held out for "
                    "evaluation)", ""]
         if "quality_reward" in feedback_results:
             m = feedback_results["quality_reward"]["eval"]
