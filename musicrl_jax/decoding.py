@@ -114,7 +114,6 @@ def _decode_loop(config: MusicLMConfig, params, captions, num_steps: int, choose
     return jax.tree.map(lambda a, b: jnp.concatenate([a[None], b], axis=0), first_out, outs)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "num_frames", "sampling", "use_cache"))
 def sample(config: MusicLMConfig, params, caption_tokens, rngs, *, num_frames: int,
            sampling: SamplingConfig = SamplingConfig(), use_cache: bool = True):
     """Samples audio codes for each caption.
@@ -122,11 +121,13 @@ def sample(config: MusicLMConfig, params, caption_tokens, rngs, *, num_frames: i
     caption_tokens [batch, text_length]; rngs [batch] keys (one stream per example, so a clip
     does not depend on its batch neighbours). Returns {"codes": [batch, frames, K] int32,
     "sample_logprobs": [batch] log-prob of the codes under the sampling distribution}.
+    Temperature and guidance weight are traced, so settings that differ only in them (a sweep,
+    `evaluation.choose_sampling`) share one compiled program.
     """
-    return sample_with_runtime_settings(
-        config, params, caption_tokens, rngs, sampling.temperature, sampling.guidance_weight,
-        num_frames=num_frames, top_k=sampling.top_k,
-        guidance=sampling.guidance_weight != 1.0, use_cache=use_cache)
+    return _sample_jit(config, params, caption_tokens, rngs,
+                       jnp.float32(sampling.temperature), jnp.float32(sampling.guidance_weight),
+                       num_frames=num_frames, top_k=sampling.top_k,
+                       guidance=sampling.guidance_weight != 1.0, use_cache=use_cache)
 
 
 def sample_with_runtime_settings(config: MusicLMConfig, params, caption_tokens, rngs,
@@ -162,6 +163,10 @@ def sample_with_runtime_settings(config: MusicLMConfig, params, caption_tokens, 
     delayed = jnp.swapaxes(delayed, 0, 1)[:batch]
     return {"codes": undo_delay(delayed, config.num_codebooks),
             "sample_logprobs": logprobs.sum(0)}
+
+
+_sample_jit = jax.jit(sample_with_runtime_settings, static_argnames=(
+    "config", "num_frames", "top_k", "guidance", "use_cache"))
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
