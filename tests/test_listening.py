@@ -460,7 +460,7 @@ def test_browser_clicks_through_five_pairs_and_the_votes_are_exported(tmp_path):
         pytest.skip("chromium / chromedriver not installed (apt-get install chromium "
                     "chromium-driver, or `make system-deps`)")
     from selenium import webdriver
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -487,10 +487,14 @@ def test_browser_clicks_through_five_pairs_and_the_votes_are_exported(tmp_path):
                 driver.find_element(By.ID, f"rating_a_{i + 1}").click()
                 driver.find_element(By.ID, f"choose-{choice}").click()
                 clicked[pair_id] = choice
-                WebDriverWait(driver, 15, ignored_exceptions=(
-                    NoSuchElementException, StaleElementReferenceException)).until(
-                    lambda d: "Thank you" in d.page_source or d.find_element(
-                        By.ID, "pair_id").get_attribute("value") != pair_id)
+                # One script reads the next page atomically; while Chrome swaps documents any
+                # driver call can fail transiently (stale node ids), so the wait retries them.
+                WebDriverWait(driver, 15, ignored_exceptions=(WebDriverException,)).until(
+                    lambda d: d.execute_script(
+                        "const e = document.getElementById('pair_id');"
+                        "return document.readyState === 'complete' && "
+                        "(document.body.innerText.includes('Thank you') || "
+                        "(e !== null && e.value !== arguments[0]));", pair_id))
             assert "You judged all 5 pairs" in driver.page_source
         finally:
             driver.quit()
