@@ -193,6 +193,13 @@ def host_local_batch_size(global_batch_size: int) -> int:
     return global_batch_size // jax.process_count()
 
 
+def host_rows(global_rows):
+    """This process's share of a global batch that every host holds whole (`shard_batch`
+    takes one share per process)."""
+    local = host_local_batch_size(len(global_rows))
+    return global_rows[jax.process_index() * local:(jax.process_index() + 1) * local]
+
+
 def tree_size(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 

@@ -138,6 +138,31 @@ class RewardCombination:
     def params(self) -> dict[str, Any]:
         return {name: model.params for name, model in self.rewards.items()}
 
+    def check_policy(self, lm_config, caption_tokens=None) -> None:
+        """Raises ConfigError unless every reward model reads the clips of a policy with
+        `lm_config` (same codebooks and codebook size, a caption vocabulary that holds the
+        policy's) and, if given, these caption tokens. Inside the jitted RL step an id out of
+        range would be clamped silently, so this runs once at start-up."""
+        for name, model in self.rewards.items():
+            config = model.config
+            for field in ("num_codebooks", "codebook_size"):
+                if getattr(config, field) != getattr(lm_config, field):
+                    raise ConfigError(
+                        f"Reward {name!r} ({model.checkpoint_dir}) has {field}="
+                        f"{getattr(config, field)} but the policy has "
+                        f"{getattr(lm_config, field)}: it was trained on another audio "
+                        "tokenizer. Fix: train the reward model on this data's tokens, or "
+                        "fine-tune a policy of the same tokenizer.")
+            if config.caption_vocab_size < lm_config.caption_vocab_size:
+                raise ConfigError(
+                    f"Reward {name!r} ({model.checkpoint_dir}) has caption_vocab_size="
+                    f"{config.caption_vocab_size}, smaller than the policy's "
+                    f"{lm_config.caption_vocab_size}. Fix: use the caption vocabulary the "
+                    "reward model was trained with.")
+            if caption_tokens is not None:
+                codes = np.zeros((len(caption_tokens), 1, lm_config.num_codebooks), np.int32)
+                model.validate_tokens(caption_tokens, codes)
+
     def raw_scores(self, params, caption_tokens, audio_codes, audio_mask=None):
         return {name: model.score(params[name], caption_tokens, audio_codes, audio_mask)
                 for name, model in self.rewards.items()}

@@ -34,11 +34,44 @@ def test_policy_gradient_matches_hand_derived_gradient():
     adv_grad = jax.grad(
         lambda a: rl.policy_gradient_loss(jax.nn.log_softmax(theta)[actions], a))(adv)
     np.testing.assert_array_equal(adv_grad, 0.0)
-    # The importance-weighted surrogate (updates_per_batch > 1) has the same gradient at pi_old.
+    # The per-token ratio surrogate (updates_per_batch > 1) has the same gradient at pi_old.
     old = jax.nn.log_softmax(theta)[actions]
-    iw = jax.grad(lambda t: rl.importance_weighted_loss(
-        jax.nn.log_softmax(t)[actions], old, adv, ratio_clip=0.2))(theta)
+    iw = jax.grad(lambda t: -rl.clipped_token_objective(
+        jax.nn.log_softmax(t)[actions], old, adv, ratio_clip=0.2).mean())(theta)
     np.testing.assert_allclose(iw, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_token_ratios_clip_per_token_not_per_sequence():
+    """Off-policy by 0.1 nats on each of 1,000 tokens: a sequence ratio e^100 would be clipped
+    to nothing; per-token ratios e^0.1 stay inside a 0.2 clip and keep every gradient."""
+    old = jnp.full((2, 1000), -1.0)
+    new = old + 0.1
+    adv = jnp.array([[1.0], [-1.0]]) * jnp.ones((2, 1000))
+    grads = jax.grad(lambda lp: rl.clipped_token_objective(lp, old, adv, 0.2).sum())(new)
+    np.testing.assert_allclose(grads, adv * jnp.exp(0.1), rtol=1e-5)
+    far = old + 0.5  # beyond the clip: the positive-advantage tokens stop pulling
+    grads = jax.grad(lambda lp: rl.clipped_token_objective(lp, old, adv, 0.2).sum())(far)
+    assert (grads[0] == 0).all() and (grads[1] < 0).all()
+
+
+def test_loss_aggregations_differ_only_with_ragged_masks():
+    per_token = jnp.arange(12.0).reshape(2, 3, 2)
+    full = jnp.ones((1, 3, 2), bool)
+    values = {how: float(rl.aggregate(per_token, full, how)) for how in
+              ("sequence_sum", "sequence_mean", "token_mean", "constant")}
+    assert values["sequence_sum"] == pytest.approx(66.0 / 2)
+    assert values["sequence_mean"] == values["token_mean"] == values["constant"] == 66.0 / 12
+    ragged = jnp.array([[[1, 1], [1, 1], [1, 1]], [[1, 0], [0, 0], [0, 0]]], bool)
+    # sequence 0 sums 15 over 6 tokens, sequence 1 holds one token, 6.
+    assert float(rl.aggregate(per_token, ragged, "sequence_mean")) == pytest.approx(
+        (15 / 6 + 6 / 1) / 2)
+    assert float(rl.aggregate(per_token, ragged, "token_mean")) == pytest.approx(21 / 7)
+    assert float(rl.aggregate(per_token, ragged, "constant")) == pytest.approx(21 / 12)
+
+
+def test_reward_to_go_sums_later_steps_and_all_codebooks():
+    per_token = jnp.array([[[1.0, 2.0], [3.0, 0.0], [0.5, 0.5]]])
+    np.testing.assert_allclose(rl.reward_to_go(per_token), [[7.0, 4.0, 1.0]])
 
 
 def test_kl_estimators_zero_at_reference_and_k3_nonnegative():
@@ -73,8 +106,12 @@ def test_advantage_baselines():
     np.testing.assert_allclose(rloo[4:], 0.0)
     with pytest.raises(ConfigError, match="samples_per_caption >= 2"):
         rl.RLConfig(samples_per_caption=1)
-    with pytest.raises(ConfigError, match="kl_estimator"):
-        rl.RLConfig(kl_estimator="k4")
+    np.testing.assert_allclose(rl.advantages(rewards, 4, "group_mean")[:4],
+                               [-2.0, -1.0, 0.0, 3.0])
+    np.testing.assert_allclose(rl.advantages(rewards, 4, "group_norm")[:4],
+                               np.array([-2.0, -1.0, 0.0, 3.0]) / np.std([1, 2, 3, 6]),
+                               rtol=1e-5)
+    np.testing.assert_allclose(rl.advantages(rewards, 4, "group_norm")[4:], 0.0)
     # The beta controller raises beta when KL is above target and lowers it below.
     assert float(rl.adapt_beta(0.1, 2.0, 1.0, 0.1)) > 0.1 > float(rl.adapt_beta(0.1, 0.5, 1.0, 0.1))
     assert float(rl.adapt_beta(0.1, 2.0, 0.0, 0.1)) == 0.1
@@ -223,15 +260,43 @@ def test_sharded_step_equals_one_device_step(one_device, tiny_config, tiny_param
                  jax.device_get(state_eight.params), jax.device_get(state_one.params))
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(kl_estimator="k4"), "kl_estimator='k4' is not accepted"),
+    (dict(kl_estimator="k2"), "E\\[k2\\] is not the KL"),
+    (dict(kl_mode="loss", kl_estimator="k2"), "E\\[k2\\] is not the KL"),
+    (dict(kl_mode="token_loss"), "reverse KL"),
+    (dict(baseline="group_norm"), "reweights captions"),
+    (dict(algorithm="grpo", kl_mode="reward"), "Fix: use one of \\['token_loss'\\]"),
+    (dict(algorithm="grpo", loss_aggregation="sequence_sum"), "sequence_mean"),
+    (dict(sampling=rl.SamplingConfig(temperature=0.8)), "off-policy"),
+    (dict(sampling=rl.SamplingConfig(top_k=20)), "off-policy"),
+    (dict(sampling=rl.SamplingConfig(guidance_weight=3.0)), "off-policy"),
+    (dict(samples_per_caption=1), "samples_per_caption >= 2"),
+    (dict(algorithm="ppo"), "algorithm='ppo'"),
+])
+def test_settings_without_a_correct_gradient_are_rejected(options, message):
+    with pytest.raises(ConfigError, match=message):
+        rl.RLConfig(**options)
+
+
+def test_algorithm_defaults():
+    default = rl.RLConfig()
+    assert (default.baseline, default.kl_mode, default.kl_estimator, default.loss_aggregation,
+            default.ratio_clip) == ("rloo", "reward", "k1", "sequence_sum", 0.0)
+    grpo = rl.RLConfig(algorithm="grpo")
+    assert (grpo.baseline, grpo.kl_mode, grpo.kl_estimator, grpo.loss_aggregation,
+            grpo.ratio_clip) == ("group_norm", "token_loss", "k3", "sequence_mean", 0.2)
+
+
 @pytest.mark.parametrize("options", [
-    dict(kl_mode="loss", kl_estimator="k2", updates_per_batch=2, ratio_clip=0.2),
+    dict(kl_mode="loss", kl_estimator="k3", updates_per_batch=2, ratio_clip=0.2),
+    dict(algorithm="grpo", loss_aggregation="token_mean", updates_per_batch=2),
     dict(baseline="batch_mean", reward_normalization="batch_whiten", entropy_bonus=0.01,
          kl_estimator="k3", target_kl=5.0),
 ])
 def test_other_options_trace_with_consistent_shapes(tiny_config, tiny_params, options):
     """Every option combination traces to the same state/metric structure (no compile)."""
-    import dataclasses
-    config = dataclasses.replace(RL_CONFIG, **options)
+    config = rl.RLConfig(samples_per_caption=4, num_frames=8, **options)
     tx = optax.adam(1e-3)
     step = rl.make_rl_step(tiny_config, tx, toy_reward_fn, config)
     state = rl.RLState(step=jnp.zeros((), jnp.int32), params=tiny_params,
@@ -351,6 +416,26 @@ def test_rl_finetune_runs_r_then_ru_from_checkpoints(tmp_path, tiny_config, one_
                      workdir=str(tmp_path / "ru"), **common)
     assert ru["summary"]["eval_first"]["kl_k3"] > 1e-4  # starts at R's policy, anchored at pretrain
     assert ru["summary"]["reference_checkpoint"] == os.path.abspath(pretrain_dir)
+    # A reward model of another tokenizer is refused before any step (not clamped in jit).
+    import dataclasses
+    other = TextRewardTask(config=dataclasses.replace(tiny_config, codebook_size=16),
+                           num_audio_layers=1, projection_dim=16)
+
+    def other_rewards():
+        return RewardCombination(
+            rewards={"text": RewardModel(other, other.fresh_params(jax.random.PRNGKey(1)))},
+            weights={"text": 1.0}, reference_stats={"text": {"mean": 0.0, "std": 0.1}})
+
+    with pytest.raises(ConfigError, match="codebook_size=16 but the policy has 32"):
+        rl_finetune(init_checkpoint=pretrain_dir, workdir=str(tmp_path / "bad"),
+                    **{**common, "rewards": other_rewards})
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+    small_vocab = dataclasses.replace(tiny_config, caption_vocab_size=8)
+    with pytest.raises(ConfigError, match="caption_vocab_size=8, smaller"):
+        RewardCombination(
+            rewards={"text": RewardModel(TextRewardTask(config=small_vocab), None)},
+            weights={"text": 1.0}, reference_stats={"text": {"mean": 0.0, "std": 0.1}}
+        ).check_policy(tiny_config)
     with pytest.raises(ConfigError, match="not a music LM policy"):
         text_dir = tmp_path / "text_reward" / "checkpoints"
         ck = Checkpointer(str(text_dir), kind="text_reward")
@@ -359,3 +444,39 @@ def test_rl_finetune_runs_r_then_ru_from_checkpoints(tmp_path, tiny_config, one_
         restore_policy_params(tiny_config, str(tmp_path / "text_reward"), mesh)
     with pytest.raises(ConfigError, match="No music_rl|No policy|No complete"):
         restore_policy_params(tiny_config, str(tmp_path / "missing"), mesh)
+
+
+def test_the_learning_rate_schedule_spans_every_optimizer_update(tmp_path, tiny_config,
+                                                                 tiny_params, one_device):
+    """With updates_per_batch=3 the optimizer steps 3x per RL step; the schedule (here decaying
+    to 0) must be built for all of them, or later updates run at its floor."""
+    from conftest import toy_task
+    from musicrl_jax.training import trainer
+    built = []
+
+    def optimizer(total_steps):
+        built.append(total_steps)
+        return trainer.make_optimizer(total_steps, learning_rate=1e-3, warmup_steps=0,
+                                      end_learning_rate_fraction=0.0)
+
+    task = toy_task()
+    config = rl.RLConfig(samples_per_caption=4, num_frames=8, updates_per_batch=3)
+    result = rl.train_rl(lm_config=tiny_config, policy_params=tiny_params,
+                         reward_fn=toy_reward_fn, reward_params={"scale": jnp.asarray(1.0)},
+                         caption_source=task.train_source, workdir=str(tmp_path / "rl"),
+                         rl_config=config, optimizer=optimizer, num_steps=2,
+                         captions_per_step=NUM_CAPTIONS, show_progress=False,
+                         mesh=one_device["mesh"])
+    assert built == [6]
+    counts = [int(x) for x in jax.tree.leaves(result["state"].opt_state)
+              if getattr(x, "dtype", None) == jnp.int32 and x.ndim == 0]
+    assert counts and set(counts) == {6}  # the optimizer took 2 x 3 steps
+
+
+def test_host_rows_give_each_process_its_share(monkeypatch):
+    rows = np.arange(8)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    np.testing.assert_array_equal(partitioning.host_rows(rows), [4, 5, 6, 7])
+    with pytest.raises(ConfigError, match="not divisible by the 2 processes"):
+        partitioning.host_rows(np.arange(7))

@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from musicrl_jax import partitioning
 from musicrl_jax.errors import ConfigError
 
 
@@ -44,16 +45,13 @@ class ArraySource:
         orders = {e: self._epoch_order(e) for e in np.unique(epochs)}
         return np.array([orders[e][o] for e, o in zip(epochs, offsets)])
 
-    def _host_slice(self, indices: np.ndarray) -> np.ndarray:
-        per_host = len(indices) // jax.process_count()
-        return indices[jax.process_index() * per_host:(jax.process_index() + 1) * per_host]
-
     def train_batch(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
         """`batch_size` is this process's share of the global batch."""
         if self.host_sharded:
             indices = self.global_indices(step, batch_size)
         else:
-            indices = self._host_slice(self.global_indices(step, batch_size * jax.process_count()))
+            indices = partitioning.host_rows(
+                self.global_indices(step, batch_size * jax.process_count()))
         return {k: v[indices] for k, v in self.arrays.items()}
 
     def eval_batches(self, batch_size: int, max_batches: int | None = None):
@@ -71,5 +69,5 @@ class ArraySource:
             if self.host_sharded:
                 indices = np.arange(b * local_size, (b + 1) * local_size)
             else:
-                indices = self._host_slice(np.arange(b * batch_size, (b + 1) * batch_size))
+                indices = partitioning.host_rows(np.arange(b * batch_size, (b + 1) * batch_size))
             yield {k: v[indices] for k, v in self.arrays.items()}

@@ -76,12 +76,14 @@ class Attention(nn.Module):
 
     def _project(self, name, x):
         """[batch, length, heads, head_dim] (full-sequence path)."""
-        out = jnp.einsum("ble,ehd->blhd", x, self._kernel(name, x.shape[-1]))
+        out = jnp.einsum("ble,ehd->blhd", x, self._kernel(name, x.shape[-1]),
+                         preferred_element_type=jnp.float32).astype(self.dtype)
         return constrain(out, ("batch", "length", "heads", "kv"))
 
     def _project_heads_major(self, name, x):
         """[batch, heads, length, head_dim] (decode caches)."""
-        out = jnp.einsum("ble,ehd->bhld", x, self._kernel(name, x.shape[-1]))
+        out = jnp.einsum("ble,ehd->bhld", x, self._kernel(name, x.shape[-1]),
+                         preferred_element_type=jnp.float32).astype(self.dtype)
         return constrain(out, ("batch", "heads", "length", "kv"))
 
     def _out_kernel(self, features):
@@ -107,10 +109,13 @@ class Attention(nn.Module):
             positions = jnp.arange(x.shape[1])
             query, key = rope(query, positions), rope(key, positions)
 
-        weights = self._weights(jnp.einsum("bqhd,bkhd->bhqk", query, key), mask)
-        attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+        weights = self._weights(jnp.einsum("bqhd,bkhd->bhqk", query, key,
+                                           preferred_element_type=jnp.float32), mask)
+        attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value,
+                              preferred_element_type=jnp.float32).astype(self.dtype)
         attended = constrain(attended, ("batch", "length", "heads", "kv"))
-        out = jnp.einsum("bqhd,hde->bqe", attended, self._out_kernel(x.shape[-1]))
+        out = jnp.einsum("bqhd,hde->bqe", attended, self._out_kernel(x.shape[-1]),
+                         preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "length", "embed"))
 
     def _weights(self, logits, mask):
@@ -135,13 +140,16 @@ class Attention(nn.Module):
         # q_len == 1, so [b, 1, h, d] -> [b, h, 1, d] only moves a unit axis (a bitcast).
         query = constrain(jnp.swapaxes(query, 1, 2), ("batch", "heads", "length", "kv"))
 
-        weights = self._weights(jnp.einsum("bhqd,bhkd->bhqk", query, key), mask)
-        attended = jnp.einsum("bhqk,bhkd->bhqd", weights, value)
+        weights = self._weights(jnp.einsum("bhqd,bhkd->bhqk", query, key,
+                                           preferred_element_type=jnp.float32), mask)
+        attended = jnp.einsum("bhqk,bhkd->bhqd", weights, value,
+                              preferred_element_type=jnp.float32).astype(self.dtype)
         attended = constrain(attended, ("batch", "heads", "length", "kv"))
         # [b, h, 1, d] -> [b, 1, h*d] and [h, d, e] -> [h*d, e] are row-major reshapes (bitcasts):
         # one plain matmul, no transpose of the activations or copy of the kernel.
         attended = jnp.swapaxes(attended, 1, 2).reshape(batch, q_len, -1)
-        out = attended @ self._out_kernel(features).reshape(-1, features)
+        out = jnp.matmul(attended, self._out_kernel(features).reshape(-1, features),
+                         preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "length", "embed"))
 
     def _update_cache(self, query, key, value, decode_length):
@@ -179,7 +187,9 @@ class MLP(nn.Module):
         gate = param_with_axes(self, "wi_gate", init, (embed, self.mlp_dim), ("embed", "mlp"))
         up = param_with_axes(self, "wi_up", init, (embed, self.mlp_dim), ("embed", "mlp"))
         down = param_with_axes(self, "wo", init, (self.mlp_dim, embed), ("mlp", "embed"))
-        x = x.astype(self.dtype)
-        hidden = nn.gelu(x @ gate.astype(self.dtype)) * (x @ up.astype(self.dtype))
-        hidden = constrain(hidden, ("batch", "length", "mlp"))
-        return constrain(hidden @ down.astype(self.dtype), ("batch", "length", "embed"))
+        x, f32 = x.astype(self.dtype), jnp.float32
+        gated = nn.gelu(jnp.matmul(x, gate.astype(self.dtype), preferred_element_type=f32))
+        hidden = gated * jnp.matmul(x, up.astype(self.dtype), preferred_element_type=f32)
+        hidden = constrain(hidden.astype(self.dtype), ("batch", "length", "mlp"))
+        out = jnp.matmul(hidden, down.astype(self.dtype), preferred_element_type=f32)
+        return constrain(out, ("batch", "length", "embed"))

@@ -177,12 +177,17 @@ class MusicLM(nn.Module):
         cross_mask = caption_mask(caption_tokens)[:, None, None, :]
         codebook_ids = jnp.arange(cfg.num_codebooks)
         x = self.audio_embedding[codebook_ids, decoder_input_tokens].sum(axis=-2)
-        x = constrain(x.astype(cfg.compute_dtype), ("batch", "length", "embed"))
+        # The residual stream stays float32 (layers take bf16 matmul inputs and accumulate in
+        # f32), so the cached sampler and the teacher-forced pass round alike.
+        x = constrain(x.astype(jnp.float32), ("batch", "length", "embed"))
         for layer in self.decoder_layers:
             x = layer(x, encoded, cross_mask, decode)
         x = self.decoder_norm(x)
-        logits = jnp.einsum("ble,ekc->blkc", x, self.heads.astype(cfg.compute_dtype))
-        return constrain(logits.astype(jnp.float32), ("batch", "length", "codebooks", "vocab"))
+        # f32 accumulation and output: bf16-rounded logits would make the sampler's and the
+        # teacher-forced log-probs disagree by tenths of a nat per sequence (RL's ratios).
+        logits = jnp.einsum("ble,ekc->blkc", x, self.heads.astype(cfg.compute_dtype),
+                            preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "codebooks", "vocab"))
 
     def __call__(self, caption_tokens, decoder_input_tokens):
         return self.decode(decoder_input_tokens, self.encode(caption_tokens), caption_tokens)

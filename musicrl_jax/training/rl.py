@@ -1,39 +1,60 @@
 """RL fine-tuning of the music LM (MusicRL).
 
-Maximises E_{y~pi(.|x)}[r(x, y)] - beta * KL(pi(.|x) || pi_ref(.|x)).
+Maximises J = E_{y~pi(.|x)}[r(x, y)] - beta * KL(pi(.|x) || pi_ref(.|x)).
 
 The pieces, all pure and jittable:
 
-  advantages(rewards, group_size, baseline)           'none' | 'batch_mean' | 'rloo'
-  kl_per_sequence(policy_lp, reference_lp, mask, est)  per-token k1 / k2 / k3, summed per sequence
-  policy_gradient_loss(seq_logprobs, advantages)       -mean(stop_gradient(A) * log pi(y|x))
-  make_rl_step(lm_config, tx, reward_fn, rl_config)    -> rl_step(state, reference_params,
-                                                          reward_params, caption_tokens, rng)
+  advantages(rewards, group_size, baseline)    'none' | 'batch_mean' | 'rloo' | 'group_mean' |
+                                               'group_norm'
+  kl_per_token(policy_lp, reference_lp, mask, est)  per-token k1 / k2 / k3 (0 off the mask)
+  kl_per_sequence(...)                          the same, summed per sequence -> [B]
+  rl_loss(config, token_lp, old_lp, ref_lp, entropy, mask, rewards, beta)  the surrogate loss
+  make_rl_step(lm_config, tx, reward_fn, rl_config) -> rl_step(state, reference_params,
+                                                        reward_params, caption_tokens, rng)
 
 One `rl_step`: every caption is repeated `samples_per_caption` times, clips are drawn with the
 KV-cache sampler from the current policy (constants: no gradient flows through sampling), scored
-by `reward_fn` (sequence-level reward), scored by the frozen reference LM (no gradient, no
-optimizer state), and the KL-regularised REINFORCE objective takes `updates_per_batch` optax
-steps on those samples. `jit_rl_step` jits it with explicit shardings on a mesh.
+by `reward_fn` (sequence-level reward) and by the frozen reference LM, and the surrogate takes
+`updates_per_batch` optax steps on those samples. `jit_rl_step` jits it with shardings.
 
-Estimators (r_t = log pi_ref(y_t) - log pi(y_t) at the sampled token y_t):
-  k1 = -r_t            unbiased for KL(pi || pi_ref), can be negative per sample;
-  k2 = r_t^2 / 2       biased, >= 0; its gradient through log pi is the score-function gradient
-                       of KL(pi || pi_ref), so it is the estimator to use with kl_mode='loss';
-  k3 = e^r_t - 1 - r_t unbiased and >= 0 (Schulman's estimator).
-kl_mode='reward' (the paper's choice) subtracts beta * stop_gradient(KL_seq) from each sample's
-reward before the baseline, so the KL is optimised by the same REINFORCE estimator (any
-estimator works). kl_mode='loss' adds beta * mean(KL_seq) to the loss and differentiates it
-directly (use k2; the pathwise gradient of k1 has expectation zero).
+Algorithms (`RLConfig.algorithm`):
 
-Reward normalisation: 'batch_whiten' rescales the (KL-shaped) rewards of the batch to zero mean
-and unit std before the baseline, making the learning rate independent of the reward's units;
-'none' (default) keeps the RewardCombination's already-normalised scale.
+* 'reinforce' (default; RLOO with the 'rloo' baseline): the surrogate's gradient is an
+  unbiased (leave-one-out baselines) Monte-Carlo estimate of grad J; `tests/test_rl_exact.py`
+  checks every accepted setting against the exact gradient on an enumerable LM.
+  With k_t the per-token KL estimate and K = sum_t k_t:
+  - kl_mode='reward' (the paper's): the shaped reward r - beta * stop_gradient(K) enters the
+    score-function (REINFORCE) term. For k1 (K = log pi(y)/pi_ref(y)) that is exactly grad KL.
+    For k3 (E[k3_t | prefix] = KL_t, but k3 depends on pi) the pathwise term beta * grad sum_t k3_t
+    is added, as grad E[f_theta(y)] = E[f grad log pi] + E[grad f].
+  - kl_mode='loss': the KL is its own term, reward-to-go style: token s is weighted by
+    sum_{t >= s} k_t (later tokens depend on it; earlier ones do not), baselined like the reward,
+    plus the pathwise term for k3. Same expectation as 'reward', no whitening of the KL.
+  - k2 is rejected: E[k2] is not the KL, so no surrogate built on it has gradient grad KL.
+* 'grpo' (DeepSeekMath; as TRL and Tunix implement it): group-normalised advantages
+  (r - mean_group) / std_group ('group_norm'; 'group_mean' is Dr. GRPO's unscaled variant),
+  per-token clipped ratios, and the KL as a per-token loss beta * k3_t differentiated pathwise
+  (kl_mode='token_loss'). That KL term's gradient is the per-token gradient of KL(pi_ref || pi)
+  with the prefix fixed, not grad KL(pi || pi_ref): GRPO is a regularised heuristic, not an
+  unbiased estimator of J (the std division reweights captions), and is documented as such.
+  loss_aggregation: 'sequence_mean' (GRPO: each sequence's token mean, then the batch mean),
+  'token_mean' (DAPO: all tokens of the batch weigh alike), 'constant' (Dr. GRPO: divide by
+  batch * max tokens). With the fixed-length clips of this project the three differ only by
+  constant factors; they differ when a mask makes lengths ragged.
 
-With updates_per_batch > 1, later updates are off-policy; they use the importance-weighted
-surrogate -mean(A * exp(log pi - log pi_old)) (clipped PPO-style when ratio_clip > 0), whose
-gradient at pi = pi_old equals the REINFORCE gradient, so updates_per_batch=1 is exactly
-`policy_gradient_loss`.
+Per-token ratios: every token's term is written as A_t * rho_t with rho_t = pi_t / pi_old_t
+(clipped PPO-style when ratio_clip > 0), so the first update (rho = 1) has the on-policy
+gradient and later ones (updates_per_batch > 1) are importance-weighted per token; a per-sequence
+ratio over ~1,000 tokens would explode, or, clipped, zero most gradients.
+
+Sampling: the estimators are on-policy, so RL samples at temperature 1 with no top-k and no
+classifier-free guidance (`RLConfig` rejects other `sampling` settings; evaluation may still
+sample the trained policy any way it likes).
+
+Reward normalisation: 'batch_whiten' divides the shaped reward (and, in reward mode, the KL
+within it, pathwise part included) by the batch's std and removes its mean; 'none' (default)
+keeps the RewardCombination's already-normalised scale. The entropy bonus is the per-token
+entropy regulariser of PPO implementations (prefix fixed), not a sequence-entropy gradient.
 """
 
 from __future__ import annotations
@@ -59,47 +80,89 @@ from musicrl_jax.models import music_lm
 from musicrl_jax.training.trainer import (PreemptionFlag, RunLog, check_finite, make_optimizer,
                                           write_operative_config)
 
-BASELINES = ("none", "batch_mean", "rloo")
+ALGORITHMS = ("reinforce", "grpo")
+BASELINES = ("none", "batch_mean", "rloo", "group_mean", "group_norm")
 KL_ESTIMATORS = ("k1", "k2", "k3")
-KL_MODES = ("reward", "loss")
+KL_MODES = ("reward", "loss", "token_loss")
 NORMALIZATIONS = ("none", "batch_whiten")
+LOSS_AGGREGATIONS = ("sequence_sum", "sequence_mean", "token_mean", "constant")
+# algorithm -> (accepted values per setting, default first)
+_ACCEPTED = {
+    "reinforce": {"baseline": ("rloo", "batch_mean", "none"), "kl_mode": ("reward", "loss"),
+                  "kl_estimator": ("k1", "k3"), "loss_aggregation": ("sequence_sum",)},
+    "grpo": {"baseline": ("group_norm", "group_mean", "rloo"), "kl_mode": ("token_loss",),
+             "kl_estimator": ("k3",),
+             "loss_aggregation": ("sequence_mean", "token_mean", "constant")},
+}
+_WHY_REJECTED = {
+    ("reinforce", "kl_estimator", "k2"): "E[k2] is not the KL (it is biased), so neither a "
+        "REINFORCE nor a pathwise term built on it has gradient grad KL(pi || pi_ref)",
+    ("reinforce", "baseline", "group_norm"): "dividing by the group's std reweights captions, "
+        "so the gradient is no longer grad J (use algorithm='grpo' for that heuristic)",
+    ("reinforce", "kl_mode", "token_loss"): "a per-token pathwise KL fixes the prefix and, "
+        "with k3, differentiates the reverse KL(pi_ref || pi) (that is GRPO's regulariser: "
+        "use algorithm='grpo')",
+}
 
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
+    algorithm: str = "reinforce"  # reinforce (RLOO; exact gradient) | grpo (module docstring)
     samples_per_caption: int = 4
-    baseline: str = "rloo"  # none | batch_mean | rloo (leave-one-out within a caption's group)
+    # None = the algorithm's default (first of its accepted values in _ACCEPTED).
+    baseline: str | None = None  # reinforce: rloo | batch_mean | none; grpo: group_norm | ...
     reward_normalization: str = "none"  # none | batch_whiten (see module docstring)
-    kl_mode: str = "reward"  # reward (paper) | loss
-    kl_estimator: str = "k1"  # k1 | k2 | k3, per token, summed over the sequence
+    kl_mode: str | None = None  # reinforce: reward (paper) | loss; grpo: token_loss
+    kl_estimator: str | None = None  # reinforce: k1 | k3; grpo: k3
+    loss_aggregation: str | None = None  # reinforce: sequence_sum; grpo: sequence_mean | ...
     beta: float = 0.1  # initial (and, without target_kl, fixed) KL coefficient
     target_kl: float = 0.0  # > 0: adapt beta toward this per-sequence KL
     adaptive_kl_rate: float = 0.1  # proportional gain of the beta controller
     entropy_bonus: float = 0.0  # coefficient on the mean per-token policy entropy
     updates_per_batch: int = 1
-    ratio_clip: float = 0.0  # > 0: PPO clipping of the sequence ratio when updates_per_batch > 1
+    ratio_clip: float | None = None  # per-token PPO clip; None: 0.2 for grpo, 0 (off) otherwise
     num_frames: int = 8
-    # The estimator is on-policy for temperature=1, top_k=0, guidance_weight=1 (the defaults);
-    # other settings sample from a distribution other than the pi being differentiated.
+    # RL samples on-policy: temperature 1, no top-k, no guidance (checked below).
     sampling: SamplingConfig = SamplingConfig()
 
     def __post_init__(self):
-        checks = [("baseline", self.baseline, BASELINES),
-                  ("reward_normalization", self.reward_normalization, NORMALIZATIONS),
-                  ("kl_mode", self.kl_mode, KL_MODES),
-                  ("kl_estimator", self.kl_estimator, KL_ESTIMATORS)]
-        for name, value, allowed in checks:
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"RLConfig.algorithm={self.algorithm!r}; expected one of "
+                              f"{list(ALGORITHMS)}.")
+        accepted = _ACCEPTED[self.algorithm]
+        for name, allowed in accepted.items():
+            value = getattr(self, name)
+            if value is None:
+                object.__setattr__(self, name, allowed[0])
+                continue
             if value not in allowed:
-                raise ConfigError(f"RLConfig.{name}={value!r}; expected one of {list(allowed)}.")
+                why = _WHY_REJECTED.get((self.algorithm, name, value))
+                raise ConfigError(
+                    f"RLConfig.{name}={value!r} is not accepted with algorithm="
+                    f"{self.algorithm!r}" + (f": {why}." if why else ".") +
+                    f" Fix: use one of {list(allowed)}.")
+        if self.ratio_clip is None:
+            object.__setattr__(self, "ratio_clip", 0.2 if self.algorithm == "grpo" else 0.0)
+        if self.reward_normalization not in NORMALIZATIONS:
+            raise ConfigError(f"RLConfig.reward_normalization={self.reward_normalization!r}; "
+                              f"expected one of {list(NORMALIZATIONS)}.")
         if self.samples_per_caption < 1 or self.updates_per_batch < 1:
             raise ConfigError("RLConfig.samples_per_caption and updates_per_batch must be >= 1.")
-        if self.baseline == "rloo" and self.samples_per_caption < 2:
-            raise ConfigError("RLConfig.baseline='rloo' needs samples_per_caption >= 2 (the "
-                              "baseline of a sample is the mean reward of the others of its "
-                              "caption). Fix: raise samples_per_caption or use 'batch_mean'.")
-        if self.beta < 0 or self.target_kl < 0:
-            raise ConfigError("RLConfig.beta and target_kl must be >= 0.")
+        if self.baseline in ("rloo", "group_mean", "group_norm") and self.samples_per_caption < 2:
+            raise ConfigError(f"RLConfig.baseline={self.baseline!r} needs samples_per_caption "
+                              ">= 2 (it compares the samples of one caption). Fix: raise "
+                              "samples_per_caption or use 'batch_mean'.")
+        if self.beta < 0 or self.target_kl < 0 or self.ratio_clip < 0:
+            raise ConfigError("RLConfig.beta, target_kl and ratio_clip must be >= 0.")
+        s = self.sampling
+        if s.temperature != 1.0 or s.top_k or s.guidance_weight != 1.0:
+            raise ConfigError(
+                f"RLConfig.sampling={s}: RL must sample from the policy it differentiates "
+                "(temperature 1, top_k 0, guidance_weight 1); other settings draw from another "
+                "distribution, so the gradient is off-policy and k1 no longer estimates "
+                "KL(pi || pi_ref). Fix: leave RLConfig.sampling at its default; choose the "
+                "evaluation's sampling separately (demo.sampling / choose_sampling).")
 
 
 @flax.struct.dataclass
@@ -112,34 +175,43 @@ class RLState:
 
 # --- estimators (pure functions of arrays) -------------------------------------------------
 
-def advantages(rewards: jax.Array, group_size: int, baseline: str = "rloo") -> jax.Array:
+def advantages(rewards: jax.Array, group_size: int, baseline: str = "rloo",
+               eps: float = 1e-6) -> jax.Array:
     """rewards [B] laid out as consecutive groups of `group_size` samples of one caption.
 
     'none': A = r. 'batch_mean': A = r - mean(r). 'rloo': A_i = r_i - mean_{j != i in group} r_j
     = group_size / (group_size - 1) * (r_i - mean(group)), unbiased since the baseline does not
-    depend on the sample it is subtracted from.
+    depend on the sample it is subtracted from. 'group_mean': r - mean(group) (Dr. GRPO);
+    'group_norm': (r - mean(group)) / (std(group) + eps) (GRPO).
     """
     rewards = rewards.astype(jnp.float32)
     if baseline == "none":
         return rewards
     if baseline == "batch_mean":
         return rewards - rewards.mean()
+    if baseline not in BASELINES:
+        raise ConfigError(f"baseline={baseline!r}; expected one of {list(BASELINES)}.")
+    if group_size < 2:
+        raise ConfigError(f"baseline={baseline!r} needs group_size >= 2.")
+    groups = rewards.reshape(-1, group_size)
+    centred = groups - groups.mean(-1, keepdims=True)
     if baseline == "rloo":
-        if group_size < 2:
-            raise ConfigError("rloo baseline needs group_size >= 2.")
-        groups = rewards.reshape(-1, group_size)
-        loo = (groups.sum(-1, keepdims=True) - groups) / (group_size - 1)
-        return (groups - loo).reshape(rewards.shape)
-    raise ConfigError(f"baseline={baseline!r}; expected one of {list(BASELINES)}.")
+        centred = centred * group_size / (group_size - 1)
+    elif baseline == "group_norm":
+        centred = centred / (groups.std(-1, keepdims=True) + eps)
+    return centred.reshape(rewards.shape)
 
 
 def whiten(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (x - x.mean()) / (x.std() + eps)
 
 
-def kl_per_sequence(policy_token_logprobs, reference_token_logprobs, mask,
-                    estimator: str = "k1") -> jax.Array:
-    """Sum over [B, ...] positions where `mask` of a per-token KL(pi || pi_ref) estimate -> [B]."""
+def kl_per_token(policy_token_logprobs, reference_token_logprobs, mask,
+                 estimator: str = "k1") -> jax.Array:
+    """Per-token KL(pi || pi_ref) estimate at the sampled tokens, 0 where `mask` is False.
+
+    With r_t = log pi_ref(y_t) - log pi(y_t): k1 = -r_t (unbiased, can be negative),
+    k2 = r_t^2 / 2 (biased, >= 0), k3 = e^r_t - 1 - r_t (unbiased, >= 0; Schulman)."""
     log_ratio = (reference_token_logprobs - policy_token_logprobs).astype(jnp.float32)
     if estimator == "k1":
         per_token = -log_ratio
@@ -149,8 +221,13 @@ def kl_per_sequence(policy_token_logprobs, reference_token_logprobs, mask,
         per_token = jnp.expm1(log_ratio) - log_ratio
     else:
         raise ConfigError(f"kl_estimator={estimator!r}; expected one of {list(KL_ESTIMATORS)}.")
-    mask = jnp.broadcast_to(mask, per_token.shape)
-    per_token = jnp.where(mask, per_token, 0.0)
+    return jnp.where(jnp.broadcast_to(mask, per_token.shape), per_token, 0.0)
+
+
+def kl_per_sequence(policy_token_logprobs, reference_token_logprobs, mask,
+                    estimator: str = "k1") -> jax.Array:
+    """`kl_per_token` summed over each sequence's positions -> [B]."""
+    per_token = kl_per_token(policy_token_logprobs, reference_token_logprobs, mask, estimator)
     return per_token.reshape(per_token.shape[0], -1).sum(-1)
 
 
@@ -159,16 +236,79 @@ def policy_gradient_loss(seq_logprobs: jax.Array, advantages: jax.Array) -> jax.
     return -jnp.mean(jax.lax.stop_gradient(advantages) * seq_logprobs)
 
 
-def importance_weighted_loss(seq_logprobs, old_seq_logprobs, advantages,
-                             ratio_clip: float = 0.0) -> jax.Array:
-    """-mean(A * pi/pi_old) (PPO-clipped when ratio_clip > 0); equals `policy_gradient_loss` in
-    value-gradient at pi = pi_old."""
-    adv = jax.lax.stop_gradient(advantages)
-    ratio = jnp.exp(seq_logprobs - jax.lax.stop_gradient(old_seq_logprobs))
+def clipped_token_objective(token_lp, old_token_lp, token_advantages,
+                            ratio_clip: float = 0.0) -> jax.Array:
+    """Per-token A_t * rho_t, rho_t = pi_t / pi_old_t (PPO-clipped when ratio_clip > 0); its
+    gradient at pi = pi_old is A_t * grad log pi_t."""
+    adv = jax.lax.stop_gradient(token_advantages)
+    ratio = jnp.exp(token_lp - jax.lax.stop_gradient(old_token_lp))
     objective = adv * ratio
     if ratio_clip > 0:
         objective = jnp.minimum(objective, adv * jnp.clip(ratio, 1 - ratio_clip, 1 + ratio_clip))
-    return -jnp.mean(objective)
+    return objective
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, how: str) -> jax.Array:
+    """Reduces per-token terms [B, ...] (0 off `mask`) to a scalar loss."""
+    mask = jnp.broadcast_to(mask, per_token.shape).reshape(per_token.shape[0], -1)
+    per_token = jnp.where(mask, per_token.reshape(mask.shape), 0.0)
+    counts = mask.sum(-1)
+    if how == "sequence_sum":
+        return per_token.sum(-1).mean()
+    if how == "sequence_mean":
+        return (per_token.sum(-1) / jnp.maximum(counts, 1)).mean()
+    if how == "token_mean":
+        return per_token.sum() / jnp.maximum(counts.sum(), 1)
+    if how == "constant":
+        return per_token.sum() / (mask.shape[0] * mask.shape[1])
+    raise ConfigError(f"loss_aggregation={how!r}; expected one of {list(LOSS_AGGREGATIONS)}.")
+
+
+def reward_to_go(per_token: jax.Array) -> jax.Array:
+    """[B, L, K] -> [B, L]: sum over steps l' >= l and all codebooks (the K codes of one step
+    are drawn independently given the prefix, so each may be weighted by all of them)."""
+    per_step = per_token.sum(-1)
+    return jnp.flip(jnp.cumsum(jnp.flip(per_step, -1), -1), -1)
+
+
+def rl_loss(cfg: RLConfig, token_lp, old_token_lp, ref_token_lp, entropy, mask, rewards, beta):
+    """The surrogate loss of one update (module docstring) and its parts.
+
+    token_lp [B, L, K] (differentiated), old_token_lp (the sampling policy's, constant),
+    ref_token_lp, entropy, mask broadcastable to [B, L, K], rewards [B] (raw), beta scalar.
+    Returns (loss, aux)."""
+    group = cfg.samples_per_caption
+    mask = jnp.broadcast_to(mask, token_lp.shape)
+    old_token_lp = jax.lax.stop_gradient(old_token_lp)
+    old_kl = kl_per_token(old_token_lp, ref_token_lp, mask, cfg.kl_estimator)
+    scale = 1.0
+    shaped = rewards.astype(jnp.float32)
+    if cfg.kl_mode == "reward":
+        shaped = shaped - beta * old_kl.reshape(len(shaped), -1).sum(-1)
+    if cfg.reward_normalization == "batch_whiten":
+        scale = jax.lax.stop_gradient(1.0 / (shaped.std() + 1e-6))
+        shaped = (shaped - shaped.mean()) * scale
+    adv = advantages(shaped, group, cfg.baseline)
+    token_adv = jnp.broadcast_to(adv[:, None, None], token_lp.shape)
+    if cfg.kl_mode == "loss":
+        kl_to_go = reward_to_go(old_kl)  # [B, L]
+        kl_adv = jax.vmap(lambda g: advantages(g, group, cfg.baseline), in_axes=1,
+                          out_axes=1)(kl_to_go)
+        token_adv = token_adv - beta * kl_adv[..., None]
+    objective = clipped_token_objective(token_lp, old_token_lp, token_adv, cfg.ratio_clip)
+    pg = -aggregate(objective, mask, cfg.loss_aggregation)
+    kl_loss = jnp.zeros(())
+    if cfg.kl_estimator == "k3":
+        # The pathwise part (k3 depends on pi); k1's has expectation zero, so it is left out.
+        kl_loss = aggregate(kl_per_token(token_lp, ref_token_lp, mask, "k3"), mask,
+                            cfg.loss_aggregation)
+        if cfg.kl_mode == "reward":
+            kl_loss = kl_loss * scale
+    num_valid = jnp.maximum(mask.sum(), 1)
+    mean_entropy = jnp.where(mask, entropy, 0.0).sum() / num_valid
+    loss = pg + beta * kl_loss - cfg.entropy_bonus * mean_entropy
+    return loss, {"pg_loss": pg, "kl_loss": kl_loss, "loss": loss, "advantage_std": adv.std(),
+                  "shaped_reward_mean": shaped.mean()}
 
 
 def adapt_beta(beta, kl, target_kl: float, rate: float):
@@ -216,30 +356,12 @@ def make_rl_step(lm_config: music_lm.MusicLMConfig, tx: optax.GradientTransforma
         ref_lp, _, mask = policy_token_stats(lm_config, reference_params, captions, codes)
         old_lp, old_entropy, _ = policy_token_stats(lm_config, state.params, captions, codes)
         old_lp = jax.lax.stop_gradient(old_lp)
-        old_seq = old_lp.sum(axis=(1, 2))
-        kl_seq = kl_per_sequence(old_lp, ref_lp, mask, cfg.kl_estimator)
+        kl_seq = kl_per_sequence(old_lp, ref_lp, mask, "k1")
         beta = state.beta
-
-        shaped = total - beta * kl_seq if cfg.kl_mode == "reward" else total
-        if cfg.reward_normalization == "batch_whiten":
-            shaped = whiten(shaped)
-        adv = advantages(shaped, group, cfg.baseline)
-        num_valid = jnp.maximum(jnp.broadcast_to(mask, old_lp.shape).sum(), 1)
 
         def loss_fn(params):
             token_lp, entropy, _ = policy_token_stats(lm_config, params, captions, codes)
-            seq = token_lp.sum(axis=(1, 2))
-            if cfg.updates_per_batch == 1:
-                pg = policy_gradient_loss(seq, adv)
-            else:
-                pg = importance_weighted_loss(seq, old_seq, adv, cfg.ratio_clip)
-            mean_entropy = entropy.sum() / num_valid
-            loss = pg - cfg.entropy_bonus * mean_entropy
-            kl_loss = jnp.zeros(())
-            if cfg.kl_mode == "loss":
-                kl_loss = kl_per_sequence(token_lp, ref_lp, mask, cfg.kl_estimator).mean()
-                loss = loss + beta * kl_loss
-            return loss, {"pg_loss": pg, "kl_loss": kl_loss, "loss": loss}
+            return rl_loss(cfg, token_lp, old_lp, ref_lp, entropy, mask, total, beta)
 
         def update(carry, _):
             params, opt_state = carry
@@ -253,11 +375,11 @@ def make_rl_step(lm_config: music_lm.MusicLMConfig, tx: optax.GradientTransforma
         kl_mean = kl_seq.mean()
         new_beta = adapt_beta(beta, kl_mean, cfg.target_kl, cfg.adaptive_kl_rate)
 
+        num_valid = jnp.maximum(jnp.broadcast_to(mask, old_lp.shape).sum(), 1)
         metrics = {**_stats("reward", total), **_stats("kl", kl_seq),
                    "kl": kl_mean, "kl_k3": kl_per_sequence(old_lp, ref_lp, mask, "k3").mean(),
                    "entropy": old_entropy.sum() / num_valid, "beta": beta,
-                   "advantage_std": adv.std(), "shaped_reward_mean": shaped.mean(),
-                   "sample_logprob": old_seq.mean()}
+                   "sample_logprob": old_lp.sum(axis=(1, 2)).mean()}
         for name, raw in components.items():
             metrics.update(_stats(f"reward/{name}", raw.astype(jnp.float32)))
         # First update's loss/grad norm (on-policy), last update's for updates_per_batch > 1.
@@ -399,8 +521,8 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
     `workdir/checkpoints` (a resumed run takes exactly the steps an uninterrupted one would:
     captions and rngs are functions of the step). The policy starts at `policy_params`; the
     frozen reference is `reference_params` (default: `policy_params`). The optimizer is `tx`,
-    else `optimizer(total_steps=num_steps)[0]` (gin: `train_rl.optimizer = @rl/make_optimizer`
-    sets RL's learning rate apart from pretraining's).
+    else `optimizer(total_steps=num_steps * updates_per_batch)[0]` (gin:
+    `train_rl.optimizer = @rl/make_optimizer` sets RL's learning rate apart from pretraining's).
 
     Logged to `workdir/metrics.jsonl` and TensorBoard: every `log_every` steps the step's
     metrics (reward components mean/min/max, KL, entropy, losses, grad norm) with samples/s and
@@ -413,7 +535,8 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
     rl_config = rl_config or RLConfig()
     mesh = partitioning.make_mesh() if mesh is None else mesh
     partitioning.check_batch_size(captions_per_step, mesh, "train_rl.captions_per_step")
-    tx = optimizer(total_steps=num_steps)[0] if tx is None else tx
+    # The optimizer steps updates_per_batch times per RL step; its schedule must span them all.
+    tx = optimizer(total_steps=num_steps * rl_config.updates_per_batch)[0] if tx is None else tx
     if audio_every and not tokenizer_dir:
         raise ConfigError("train_rl.audio_every > 0 needs train_rl.tokenizer_dir (the audio "
                           "tokenizer that decodes the policy's codes). Fix: set it, or set "
@@ -460,7 +583,9 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
 
     def run_eval(done):
         with partitioning.mesh_context(mesh, rules):
-            captions = partitioning.shard_batch({"c": eval_captions}, mesh)["c"]
+            # Every host holds all eval captions; each passes its share.
+            captions = partitioning.shard_batch({"c": partitioning.host_rows(eval_captions)},
+                                                mesh)["c"]
             metrics, codes = eval_fn(state.params, reference, reward_params, captions,
                                      jax.random.PRNGKey(seed + 1))
         metrics = metrics_to_host(metrics)
@@ -508,7 +633,8 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
     return {"step": int(state.step), "train": last, "eval": evals, "state": state}
 
 
-__all__ = ["RLConfig", "RLState", "advantages", "kl_per_sequence", "policy_gradient_loss",
-           "importance_weighted_loss", "adapt_beta", "policy_token_stats", "make_rl_step",
+__all__ = ["RLConfig", "RLState", "advantages", "kl_per_token", "kl_per_sequence",
+           "policy_gradient_loss", "clipped_token_objective", "aggregate", "reward_to_go",
+           "rl_loss", "adapt_beta", "policy_token_stats", "make_rl_step",
            "create_rl_state", "jit_rl_step", "train_rl", "lm_param_shardings", "existing_shardings",
            "whiten"]

@@ -95,11 +95,13 @@ def rl_finetune(lm_config=gin.REQUIRED, init_checkpoint: str = gin.REQUIRED,
                                  != os.path.abspath(init_checkpoint)):
         reference = restore_policy_params(lm_config, reference_checkpoint, mesh)
     combination = rewards()
+    source = caption_source()
+    combination.check_policy(lm_config, source.train_batch(0, 1)["caption_tokens"])
     extra = {"tokenizer_dir": tokenizer_dir} if tokenizer_dir else {}  # else gin's binding
     result = rl.train_rl(
         lm_config=lm_config, policy_params=policy, reference_params=reference,
         reward_fn=combination.reward_fn, reward_params=combination.params,
-        caption_source=caption_source(), workdir=workdir,
+        caption_source=source, workdir=workdir,
         eval_source=eval_source() if eval_source else None, mesh=mesh, **extra)
     evals = eval_history(workdir)  # includes evaluations from before a resume
     summary = {"init_checkpoint": os.path.abspath(init_checkpoint),
