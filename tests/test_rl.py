@@ -244,6 +244,22 @@ def test_rl_raises_toy_reward_with_bounded_kl(one_device, tiny_config):
     assert strong_kl < 0.5 * np.mean(kl[10:15]), (strong_kl, kl[10:15])
 
 
+def test_grpo_raises_toy_reward_with_bounded_kl(tiny_config, tiny_params):
+    config = rl.RLConfig(algorithm="grpo", samples_per_caption=4, beta=0.1, num_frames=8,
+                         updates_per_batch=2)
+    setup = _setup(tiny_config, tiny_params, partitioning.make_mesh(devices=jax.devices()[:1]),
+                   config)
+    _, history = _train(setup, _fresh_state(setup), _captions(tiny_config), 30)
+    fraction = [m["reward/target_fraction_mean"] for m in history]
+    kl = [m["kl"] for m in history]
+    print(f"GRPO: target fraction {fraction[0]:.3f} -> {np.mean(fraction[-5:]):.3f}, "
+          f"kl {kl[-1]:.2f}")
+    assert np.mean(fraction[:3]) < 0.2 and np.mean(fraction[-5:]) > 0.6, fraction
+    assert max(kl) < 60.0, kl
+    assert history[0]["kl_loss"] == pytest.approx(0.0, abs=1e-5)  # starts at the reference
+    assert history[-1]["kl_loss"] > 0 and "pg_loss_last" in history[-1]
+
+
 def test_sharded_step_equals_one_device_step(one_device, tiny_config, tiny_params):
     eight = _setup(tiny_config, tiny_params, partitioning.make_mesh(data=2, fsdp=2, tensor=2))
     kernel = eight["state"].params["decoder_0"]["mlp"]["wi_gate"]
@@ -480,3 +496,13 @@ def test_host_rows_give_each_process_its_share(monkeypatch):
     np.testing.assert_array_equal(partitioning.host_rows(rows), [4, 5, 6, 7])
     with pytest.raises(ConfigError, match="not divisible by the 2 processes"):
         partitioning.host_rows(np.arange(7))
+
+
+@pytest.mark.parametrize("gin_file, algorithm", [
+    ("local/musicrl_r.gin", "reinforce"), ("local/musicrl_u.gin", "reinforce"),
+    ("local/musicrl_ru.gin", "reinforce"), ("local/musicrl_u_grpo.gin", "grpo")])
+def test_rl_experiments_parse_and_build_an_accepted_rl_config(gin_file, algorithm):
+    from musicrl_jax.main import parse_gin
+    parse_gin([gin_file], [])
+    config = rl.RLConfig()
+    assert config.algorithm == algorithm and config.samples_per_caption >= 2
