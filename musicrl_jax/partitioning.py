@@ -169,6 +169,15 @@ def unbox(tree):
     return nn.meta.unbox(tree)
 
 
+def rebox(boxed, values):
+    """`values` (an unboxed tree of the same structure) inside `boxed`'s logical-axis boxes,
+    e.g. restored weights as a model's initial params."""
+    return jax.tree.map(
+        lambda box, value: box.replace_boxed(value) if isinstance(
+            box, nn.LogicallyPartitioned) else value, boxed, values,
+        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
 def abstract_with_shardings(init_fn, mesh: Mesh, *args, rules=None):
     """(abstract unboxed tree with .sharding set, shardings) for the output of `init_fn(*args)`."""
     boxed = jax.eval_shape(init_fn, *args)

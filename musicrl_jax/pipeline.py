@@ -237,13 +237,13 @@ def serve_stage(run_dir: str, assets_dir: str, lm_config, policy_name: str, poli
 
 
 RL_DISPLAY_NAMES = {"musicrl_r": "MusicRL-R", "musicrl_u": "MusicRL-U",
-                    "musicrl_ru": "MusicRL-RU"}
+                    "musicrl_ru": "MusicRL-RU", "musicrl_u_dpo": "MusicRL-U (DPO)"}
 
 
 @gin.configurable
 def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
          text_reward_task: Callable | None = None, quality_reward_task: Callable | None = None,
-         preference_reward_task: Callable | None = None,
+         preference_reward_task: Callable | None = None, dpo_task: Callable | None = None,
          prepare_data: Callable | None = None, register_tasks: Callable | None = None,
          num_raters: int = 40, num_ratings: int = 256, num_preference_pairs: int = 256,
          collect_batch_size: int = 32, num_eval_captions: int = 32,
@@ -257,7 +257,9 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
     that their sources read the freshly built data.
 
     pretrained_lm: another pretraining run on this data, used instead of the demo's own
-    pretraining when it holds a checkpoint. sampling_candidates: when given, the sampling
+    pretraining when it holds a checkpoint. dpo_task: a `DPOTask` factory; when given,
+    MusicRL-U is also trained offline by DPO on the panel's preference pairs
+    ("musicrl_u_dpo") and evaluated beside the RL policies. sampling_candidates: when given, the sampling
     settings for evaluation and samples are chosen among them (training raters, validation
     captions; `evaluation.choose_sampling`) instead of `sampling`; the evaluation runs on
     `eval_split` captions with the held-out raters."""
@@ -289,6 +291,17 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
             run_dir, assets, config, lm_params, quality_reward_task, preference_reward_task,
             train_raters=train_raters, num_ratings=num_ratings,
             num_preference_pairs=num_preference_pairs, batch_size=collect_batch_size, seed=seed)
+
+    dpo_result = None
+    if assets and dpo_task is not None and "preference_reward" in feedback_results:
+        from musicrl_jax.data import feedback
+        print("== MusicRL-U by DPO on the preference pairs (no reward model, no RL) ==",
+              flush=True)
+        pairs = os.path.join(run_dir, "feedback", "preferences")
+        dpo_result = train_stage("musicrl_u_dpo", lambda: dpo_task(
+            train_source=feedback.preferences_source(pairs, "train"),
+            eval_source=feedback.preferences_source(pairs, "validation"),
+            init_checkpoint=pretrain_dir), run_dir)
 
     rl_results = {}
     if assets and rl_experiments:
@@ -342,6 +355,9 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
             evaluation.ModelUnderTest(RL_DISPLAY_NAMES.get(name, name), config,
                                       rl_result["state"].params, sampling)
             for name, rl_result in rl_results.items()]
+        if dpo_result:
+            models.append(evaluation.ModelUnderTest(RL_DISPLAY_NAMES["musicrl_u_dpo"], config,
+                                                    dpo_result["state"].params, sampling))
         stages = {"text_reward": text_reward, **feedback_results}
         reward_models = {name: (jax.jit(stages[name]["task"].score), stages[name]["state"].params)
                          for name in ("text_reward", "quality_reward", "preference_reward")
@@ -431,6 +447,14 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
                 f"{summary['train'].get('samples_per_sec', float('nan')):.1f} samples/s -> "
                 f"`{name}/` (metrics.jsonl, tensorboard, samples/)")
         report.append("")
+    if dpo_result:
+        m, task = dpo_result["eval"], dpo_result["task"]
+        report += ["## MusicRL-U by DPO (offline, on the panel's preference pairs)", "",
+                   f"- {task.loss_type}, beta {task.beta}: {dpo_result['step']} steps from the "
+                   f"pretrained LM (also its reference); held-out pairs: agreement with the "
+                   f"panel {m.get('agreement', float('nan')):.3f}, loss "
+                   f"{m.get('loss', float('nan')):.3f}, mean margin "
+                   f"{m.get('margin', float('nan')):.3f} nats -> `musicrl_u_dpo/`", ""]
     if sampling_rows:
         shown = [k for k in sampling_rows[0] if k not in ("top_k",)]
         report += ["## Sampling settings (validation captions, training raters' mean utility)",

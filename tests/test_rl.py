@@ -506,3 +506,14 @@ def test_rl_experiments_parse_and_build_an_accepted_rl_config(gin_file, algorith
     parse_gin([gin_file], [])
     config = rl.RLConfig()
     assert config.algorithm == algorithm and config.samples_per_caption >= 2
+
+
+def test_the_dpo_experiment_parses_into_a_dpo_training_job():
+    import gin
+
+    from musicrl_jax.main import parse_gin
+    parse_gin(["local/musicrl_u_dpo.gin"], [])
+    assert gin.query_parameter("train.task").selector == "DPOTask"
+    assert gin.query_parameter("PRETRAIN_DIR/macro.value") == "runs/demo/pretrain"
+    assert gin.query_parameter("PREFERENCES_DIR/macro.value") == (
+        "runs/demo/feedback/preferences")

@@ -195,9 +195,7 @@ class _RewardTask(abc.ABC):
             return params
         lm_params = self._pretrained_lm_params()
         values, _ = reward_models.init_from_music_lm(nn.meta.unbox(params), lm_params)
-        return jax.tree.map(lambda box, v: box.replace_boxed(v) if isinstance(
-            box, nn.LogicallyPartitioned) else v, params, values,
-            is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+        return partitioning.rebox(params, values)
 
     def _pretrained_lm_params(self):
         # Restored once, eagerly even when called while the trainer traces its jitted init

@@ -28,12 +28,13 @@ from musicrl_jax.models import music_lm
 from musicrl_jax.training import reward_tasks, rl
 from musicrl_jax.training.trainer import eval_history
 
-POLICY_KINDS = ("music_lm", "music_rl")
+POLICY_KINDS = ("music_lm", "music_rl", "music_dpo")  # DPO trains with the TrainState
 
 
 def policy_checkpoint(path: str, step: int | None = None) -> tuple[str, int, dict[str, Any]]:
     """(checkpoints directory, step (default: latest), its meta item: kind and gin config) of a
-    policy checkpoint: a pretraining (`music_lm`) or RL (`music_rl`) run or its checkpoints/."""
+    policy checkpoint: a pretraining (`music_lm`), RL (`music_rl`) or DPO (`music_dpo`) run or
+    its checkpoints/."""
     directory = reward_tasks.checkpoint_directory(path, "policy")
     probe = Checkpointer(directory)
     try:
