@@ -353,7 +353,7 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
         reference = evaluation.ModelUnderTest("pretrained LM", config, lm_params, sampling)
         models = [reference] + [
             evaluation.ModelUnderTest(RL_DISPLAY_NAMES.get(name, name), config,
-                                      rl_result["state"].params, sampling)
+                                      rl_result["policy_params"], sampling)
             for name, rl_result in rl_results.items()]
         if dpo_result:
             models.append(evaluation.ModelUnderTest(RL_DISPLAY_NAMES["musicrl_u_dpo"], config,
@@ -374,7 +374,7 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
     if assets and rl_results and export_policy:
         name = export_policy if export_policy in rl_results else list(rl_results)[-1]
         print(f"== export {name} for serving; generate from the artifact ==", flush=True)
-        serving = serve_stage(run_dir, assets, config, name, rl_results[name]["state"].params,
+        serving = serve_stage(run_dir, assets, config, name, rl_results[name]["policy_params"],
                               caption_texts[:4], seed)
         serving["name"] = RL_DISPLAY_NAMES.get(name, name)
 

@@ -6,7 +6,7 @@ from musicrl_jax import (checkpoints, collection, decoding, evaluation, partitio
                          pipeline, raters, rewards)
 from musicrl_jax.audio import tokenizer  # noqa: F401
 from musicrl_jax.data import feedback, musicrl_music, tasks as data_tasks, toy, vocab  # noqa: F401
-from musicrl_jax.models import music_lm  # noqa: F401
+from musicrl_jax.models import lora, music_lm  # noqa: F401
 from musicrl_jax.training import dpo, reward_tasks, rl, rl_finetune, tasks, trainer  # noqa: F401
 
 

@@ -432,6 +432,22 @@ def test_rl_finetune_runs_r_then_ru_from_checkpoints(tmp_path, tiny_config, one_
                      workdir=str(tmp_path / "ru"), **common)
     assert ru["summary"]["eval_first"]["kl_k3"] > 1e-4  # starts at R's policy, anchored at pretrain
     assert ru["summary"]["reference_checkpoint"] == os.path.abspath(pretrain_dir)
+    # With LoRA the checkpoint holds adapters; restoring it as a policy merges them with the
+    # reference checkpoint it names.
+    from musicrl_jax.models import lora
+    gin.bind_parameter("train_rl.lora", lora.LoRAConfig(rank=4))
+    lora_r = rl_finetune(init_checkpoint=pretrain_dir, workdir=str(tmp_path / "lora_r"),
+                         **common)
+    meta = Checkpointer(str(tmp_path / "lora_r" / "checkpoints")).meta()
+    assert meta["lora"]["rank"] == 4
+    assert meta["reference_checkpoint"] == os.path.abspath(pretrain_dir)
+    restored = restore_policy_params(tiny_config, str(tmp_path / "lora_r"), mesh)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+                 jax.device_get(restored), jax.device_get(lora_r["policy_params"]))
+    with pytest.raises(ConfigError, match="must start at the reference"):
+        rl_finetune(init_checkpoint=str(tmp_path / "r"), reference_checkpoint=pretrain_dir,
+                    workdir=str(tmp_path / "lora_ru"), **common)
+    gin.bind_parameter("train_rl.lora", None)
     # A reward model of another tokenizer is refused before any step (not clamped in jit).
     import dataclasses
     other = TextRewardTask(config=dataclasses.replace(tiny_config, codebook_size=16),
@@ -517,3 +533,56 @@ def test_the_dpo_experiment_parses_into_a_dpo_training_job():
     assert gin.query_parameter("PRETRAIN_DIR/macro.value") == "runs/demo/pretrain"
     assert gin.query_parameter("PREFERENCES_DIR/macro.value") == (
         "runs/demo/feedback/preferences")
+
+
+# --- LoRA ----------------------------------------------------------------------------------
+
+def test_lora_starts_at_the_base_and_trains_only_its_adapters(tiny_config, tiny_params):
+    from musicrl_jax.models import lora
+    config = lora.LoRAConfig(rank=4, alpha=8.0)
+    adapters = lora.init(config, tiny_params, jax.random.PRNGKey(0))
+    merged = lora.merge(config, tiny_params, adapters)
+    jax.tree.map(np.testing.assert_array_equal, merged, tiny_params)  # B = 0
+    assert lora.num_params(adapters) < 0.25 * lora.num_params(tiny_params)
+    # Every targeted kernel, and nothing else, is adapted.
+    adapted = {path for path in lora.targeted(config, tiny_params)}
+    assert {p[-1] for p in adapted} == set(config.targets)
+    assert ("decoder_0", "cross_attention", "out") in adapted
+    # After a step on B, the merged kernel moved by scale * A @ B and the others did not.
+    grads = jax.grad(lambda a: sum(jnp.sum(x ** 2) for x in jax.tree.leaves(
+        lora.merge(config, tiny_params, a))))(adapters)
+    assert float(jnp.abs(grads["decoder_0"]["mlp"]["wo"]["b"]).max()) > 0
+    with pytest.raises(ConfigError, match="choose among"):
+        lora.LoRAConfig(targets=("embedding",))
+
+
+def test_rl_with_lora_raises_toy_reward_with_one_copy_of_the_weights(tmp_path, tiny_config,
+                                                                     tiny_params, one_device):
+    from conftest import toy_task
+    from musicrl_jax.models import lora
+    config = lora.LoRAConfig(rank=4, alpha=16.0)
+    task = toy_task()
+    args = dict(lm_config=tiny_config, policy_params=tiny_params, reward_fn=toy_reward_fn,
+                reward_params={"scale": jnp.asarray(REWARD_SCALE)},
+                caption_source=task.train_source, rl_config=RL_CONFIG, tx=optax.adam(2e-2),
+                captions_per_step=NUM_CAPTIONS, log_every=1, show_progress=False,
+                mesh=one_device["mesh"], lora=config)
+    result = rl.train_rl(num_steps=30, workdir=str(tmp_path / "lora"), **args)
+    rows = [r for r in _read_jsonl(tmp_path / "lora" / "metrics.jsonl") if "eval" not in r]
+    fraction = [r["reward/target_fraction_mean"] for r in rows]
+    print(f"LoRA RL: target fraction {fraction[0]:.3f} -> {np.mean(fraction[-5:]):.3f}, "
+          f"kl {rows[-1]['kl']:.2f}")
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # starts at the reference
+    assert np.mean(fraction[-5:]) > 0.5 > np.mean(fraction[:3]) + 0.3, fraction
+    assert max(r["kl"] for r in rows) < 60.0
+    # The state holds only the adapters (and their optimizer moments), not a copy of the LM.
+    state_size = lora.num_params(result["state"].params)
+    assert state_size == lora.num_params(lora.init(config, tiny_params, jax.random.PRNGKey(0)))
+    assert state_size < 0.25 * lora.num_params(tiny_params)
+    policy = result["policy_params"]
+    assert any(float(jnp.abs(a - b).max()) > 1e-3 for a, b in zip(
+        jax.tree.leaves(policy), jax.tree.leaves(tiny_params)))
+    # LoRA needs the policy to start at the reference.
+    other = jax.tree.map(lambda x: x + 0.0, tiny_params)
+    with pytest.raises(ConfigError, match="must start at the reference"):
+        rl.train_rl(num_steps=1, workdir=str(tmp_path / "x"), reference_params=other, **args)

@@ -60,6 +60,7 @@ entropy regulariser of PPO implementations (prefix fixed), not a sequence-entrop
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable
 
@@ -76,6 +77,7 @@ from musicrl_jax import decoding, partitioning
 from musicrl_jax.checkpoints import Checkpointer, abstract_like
 from musicrl_jax.decoding import SamplingConfig
 from musicrl_jax.errors import ConfigError
+from musicrl_jax.models import lora as lora_lib
 from musicrl_jax.models import music_lm
 from musicrl_jax.training.trainer import (PreemptionFlag, RunLog, check_finite, make_optimizer,
                                           write_operative_config)
@@ -333,34 +335,46 @@ def _stats(prefix, x):
     return {f"{prefix}_mean": x.mean(), f"{prefix}_min": x.min(), f"{prefix}_max": x.max()}
 
 
+def current_policy(trainable, reference_params, lora: lora_lib.LoRAConfig | None = None):
+    """The policy's LM params from what RL trains: the params themselves, or, with LoRA, the
+    frozen reference (the base) merged with the adapters."""
+    if lora is None:
+        return trainable
+    return lora_lib.merge(lora, reference_params, trainable)
+
+
 def make_rl_step(lm_config: music_lm.MusicLMConfig, tx: optax.GradientTransformation,
-                 reward_fn: Callable, rl_config: RLConfig) -> Callable:
+                 reward_fn: Callable, rl_config: RLConfig,
+                 lora: lora_lib.LoRAConfig | None = None) -> Callable:
     """Returns pure rl_step(state, reference_params, reward_params, caption_tokens, rng)
     -> (state, metrics). reward_fn(reward_params, caption_tokens, audio_codes) -> (total [B],
-    {name: raw [B]}) like `RewardCombination.reward_fn`."""
+    {name: raw [B]}) like `RewardCombination.reward_fn`. With `lora`, state.params are the
+    adapters over the frozen reference (`models/lora.py`)."""
     cfg = rl_config
     group = cfg.samples_per_caption
 
     def rl_step(state: RLState, reference_params, reward_params, caption_tokens, rng):
         captions = jnp.repeat(caption_tokens, group, axis=0)  # [c0]*group, [c1]*group, ...
         batch = captions.shape[0]
+        reference_params = jax.lax.stop_gradient(reference_params)
+        current = current_policy(state.params, reference_params, lora)
         rngs = decoding.example_rngs(jax.random.fold_in(rng, 0), batch)
-        codes = decoding.sample(lm_config, state.params, captions, rngs,
+        codes = decoding.sample(lm_config, current, captions, rngs,
                                 num_frames=cfg.num_frames, sampling=cfg.sampling)["codes"]
         codes = jax.lax.stop_gradient(codes)
         reward_params = jax.lax.stop_gradient(reward_params)
-        reference_params = jax.lax.stop_gradient(reference_params)
 
         total, components = reward_fn(reward_params, captions, codes)
         total = total.astype(jnp.float32)
         ref_lp, _, mask = policy_token_stats(lm_config, reference_params, captions, codes)
-        old_lp, old_entropy, _ = policy_token_stats(lm_config, state.params, captions, codes)
+        old_lp, old_entropy, _ = policy_token_stats(lm_config, current, captions, codes)
         old_lp = jax.lax.stop_gradient(old_lp)
         kl_seq = kl_per_sequence(old_lp, ref_lp, mask, "k1")
         beta = state.beta
 
         def loss_fn(params):
-            token_lp, entropy, _ = policy_token_stats(lm_config, params, captions, codes)
+            token_lp, entropy, _ = policy_token_stats(
+                lm_config, current_policy(params, reference_params, lora), captions, codes)
             return rl_loss(cfg, token_lp, old_lp, ref_lp, entropy, mask, total, beta)
 
         def update(carry, _):
@@ -397,30 +411,42 @@ def make_rl_step(lm_config: music_lm.MusicLMConfig, tx: optax.GradientTransforma
 
 def lm_param_shardings(lm_config: music_lm.MusicLMConfig, mesh, rules=None):
     """NamedShardings of the LM's params under the logical axis rules (boxed abstract init)."""
-    boxed = jax.eval_shape(music_lm.init_params, lm_config, jax.random.PRNGKey(0))
+    boxed = jax.eval_shape(functools.partial(music_lm.init_params, lm_config),
+                           jax.random.PRNGKey(0))
     return partitioning.tree_shardings(boxed, mesh, rules)
 
 
 def create_rl_state(lm_config: music_lm.MusicLMConfig, tx, params, mesh, rl_config: RLConfig,
-                    rules=None):
+                    rules=None, lora: lora_lib.LoRAConfig | None = None, seed: int = 0):
     """RLState initialised from (pretrained, unboxed) `params`, sharded on `mesh` by the logical
     rules like `trainer.create_train_state`; returns (state, state_shardings, param_shardings).
-    The policy starts at `params`; keep the same `params` as the frozen reference."""
+    The policy starts at `params`; keep the same `params` as the frozen reference. With `lora`
+    the state holds fresh adapters (replicated: they are small) instead of a copy of `params`."""
+    def trainable_init(rng):
+        if lora is None:
+            return music_lm.init_params(lm_config, rng)
+        base = partitioning.unbox(music_lm.init_params(lm_config, rng))
+        return lora_lib.init(lora, base, jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+
     def init(rng):
-        boxed = music_lm.init_params(lm_config, rng)
-        return RLState(step=jnp.zeros((), jnp.int32), params=boxed, opt_state=tx.init(boxed),
-                       beta=jnp.asarray(rl_config.beta, jnp.float32))
+        trainable = trainable_init(rng)
+        return RLState(step=jnp.zeros((), jnp.int32), params=trainable,
+                       opt_state=tx.init(trainable), beta=jnp.asarray(rl_config.beta, jnp.float32))
 
     _, state_shardings = partitioning.abstract_with_shardings(init, mesh, jax.random.PRNGKey(0),
                                                               rules=rules)
-    param_shardings = state_shardings.params
+    param_shardings = lm_param_shardings(lm_config, mesh, rules)
     params = jax.device_put(params, param_shardings)
 
     def build(p):
-        # Copy so the policy never aliases the caller's arrays (jit forwards unchanged inputs,
-        # and a donated RL step would otherwise delete the frozen reference's buffers).
-        p = jax.tree.map(jnp.copy, p)
-        return RLState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+        if lora is None:
+            # Copy so the policy never aliases the caller's arrays (jit forwards unchanged
+            # inputs, and a donated RL step would otherwise delete the frozen reference's).
+            trainable = jax.tree.map(jnp.copy, p)
+        else:
+            trainable = lora_lib.init(lora, p, jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+        return RLState(step=jnp.zeros((), jnp.int32), params=trainable,
+                       opt_state=tx.init(trainable),
                        beta=jnp.asarray(rl_config.beta, jnp.float32))
 
     with partitioning.mesh_context(mesh, rules):
@@ -463,14 +489,15 @@ def metrics_to_host(metrics) -> dict[str, float]:
 
 
 def make_rl_eval(lm_config: music_lm.MusicLMConfig, reward_fn: Callable,
-                 rl_config: RLConfig) -> Callable:
-    """Returns pure rl_eval(params, reference_params, reward_params, caption_tokens, rng) ->
+                 rl_config: RLConfig, lora: lora_lib.LoRAConfig | None = None) -> Callable:
+    """Returns pure rl_eval(trainable, reference_params, reward_params, caption_tokens, rng) ->
     (metrics, codes): one clip per caption from the policy, its reward components and its KL to
     the reference. Called with the same rng at every evaluation, so the numbers move only
     because the policy does (common random numbers)."""
     cfg = rl_config
 
-    def rl_eval(params, reference_params, reward_params, caption_tokens, rng):
+    def rl_eval(trainable, reference_params, reward_params, caption_tokens, rng):
+        params = current_policy(trainable, reference_params, lora)
         rngs = decoding.example_rngs(rng, caption_tokens.shape[0])
         codes = decoding.sample(lm_config, params, caption_tokens, rngs,
                                 num_frames=cfg.num_frames, sampling=cfg.sampling)["codes"]
@@ -515,6 +542,7 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
              eval_source=None, eval_every: int = 50, num_eval_captions: int = 16,
              tokenizer_dir: str | None = None, audio_every: int = 0, num_audio_samples: int = 4,
              checkpoint_every: int = 50, keep_checkpoints: int = 3, seed: int = 0,
+             lora: lora_lib.LoRAConfig | None = None, checkpoint_meta: dict | None = None,
              show_progress: bool = True, mesh=None) -> dict[str, Any]:
     """RL fine-tuning loop: `num_steps` rl_steps on `captions_per_step` captions each (from
     `caption_source.train_batch(step, n)["caption_tokens"]`), resuming from
@@ -530,7 +558,12 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
     `num_eval_captions` held-out captions of `eval_source`; every `audio_every` steps
     `num_audio_samples` of those clips as WAV (`workdir/samples/`) and TensorBoard audio
     (needs `tokenizer_dir`). SIGTERM saves a checkpoint and stops.
-    Returns {'step', 'train': last metrics, 'eval': {step: eval metrics}, 'state'}."""
+    `lora` (gin: `train_rl.lora = @LoRAConfig()`) trains adapters over the frozen reference
+    instead of a full copy; the policy must then start at the reference. `checkpoint_meta` is
+    stored with each checkpoint (rl_finetune records the reference checkpoint there, which a
+    LoRA checkpoint needs to be restored as a policy).
+    Returns {'step', 'train': last metrics, 'eval': {step: eval metrics}, 'state',
+    'policy_params': the policy's LM params (merged with LoRA)}."""
 
     rl_config = rl_config or RLConfig()
     mesh = partitioning.make_mesh() if mesh is None else mesh
@@ -543,21 +576,29 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
                           "audio_every = 0.")
     os.makedirs(workdir, exist_ok=True)
     rules = partitioning.logical_axis_rules()
+    if lora is not None and reference_params is not None and (
+            reference_params is not policy_params):
+        raise ConfigError("train_rl.lora: LoRA trains adapters over the frozen KL reference, "
+                          "so the policy must start at the reference (e.g. MusicRL-RU, which "
+                          "starts at MusicRL-R's policy, is not supported with LoRA). Fix: "
+                          "drop train_rl.lora, or start from the reference checkpoint.")
     reference_params = policy_params if reference_params is None else reference_params
     with partitioning.mesh_context(mesh, rules):
         state, state_shardings, param_shardings = create_rl_state(
-            lm_config, tx, policy_params, mesh, rl_config, rules)
+            lm_config, tx, policy_params, mesh, rl_config, rules, lora=lora, seed=seed)
         reference = jax.device_put(reference_params, param_shardings)
         reward_shardings = existing_shardings(reward_params, mesh)
         reward_params = jax.device_put(reward_params, reward_shardings)
-        step_fn = jit_rl_step(make_rl_step(lm_config, tx, reward_fn, rl_config), state_shardings,
-                              param_shardings, mesh, reward_shardings)
+        step_fn = jit_rl_step(make_rl_step(lm_config, tx, reward_fn, rl_config, lora),
+                              state_shardings, param_shardings, mesh, reward_shardings)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=checkpoint_every,
                                 keep=keep_checkpoints, kind="music_rl")
     if checkpointer.latest_step() is not None:
         state = checkpointer.restore(abstract_like(state, state_shardings))
     start = int(state.step)
-    model_meta = {"model_config": dataclasses.asdict(lm_config)}  # export reads it
+    model_meta = {"model_config": dataclasses.asdict(lm_config),  # export reads it
+                  **({"lora": dataclasses.asdict(lora)} if lora else {}),
+                  **(checkpoint_meta or {})}
 
     eval_fn = eval_captions = None
     if eval_source is not None and eval_every:
@@ -566,8 +607,9 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
         partitioning.check_batch_size(len(eval_captions), mesh, "train_rl.num_eval_captions")
         replicated = NamedSharding(mesh, PartitionSpec())
         with partitioning.mesh_context(mesh, rules):
-            eval_fn = jax.jit(make_rl_eval(lm_config, reward_fn, rl_config),
-                              in_shardings=(param_shardings, param_shardings, reward_shardings,
+            eval_fn = jax.jit(make_rl_eval(lm_config, reward_fn, rl_config, lora),
+                              in_shardings=(state_shardings.params, param_shardings,
+                                            reward_shardings,
                                             partitioning.batch_sharding(mesh, 2), replicated),
                               out_shardings=replicated)
 
@@ -630,11 +672,17 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
     finally:
         log.close()
         checkpointer.close()
-    return {"step": int(state.step), "train": last, "eval": evals, "state": state}
+    policy = state.params
+    if lora is not None:
+        with partitioning.mesh_context(mesh, rules):
+            policy = jax.jit(functools.partial(current_policy, lora=lora),
+                             out_shardings=param_shardings)(state.params, reference)
+    return {"step": int(state.step), "train": last, "eval": evals, "state": state,
+            "policy_params": policy}
 
 
 __all__ = ["RLConfig", "RLState", "advantages", "kl_per_token", "kl_per_sequence",
            "policy_gradient_loss", "clipped_token_objective", "aggregate", "reward_to_go",
-           "rl_loss", "adapt_beta", "policy_token_stats", "make_rl_step",
+           "rl_loss", "adapt_beta", "current_policy", "policy_token_stats", "make_rl_step",
            "create_rl_state", "jit_rl_step", "train_rl", "lm_param_shardings", "existing_shardings",
            "whiten"]

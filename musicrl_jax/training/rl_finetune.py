@@ -19,11 +19,13 @@ import os
 from typing import Any, Callable
 
 import gin
+import jax
 import jax.numpy as jnp
 
 from musicrl_jax import partitioning
 from musicrl_jax.checkpoints import Checkpointer
 from musicrl_jax.errors import ConfigError
+from musicrl_jax.models import lora as lora_lib
 from musicrl_jax.models import music_lm
 from musicrl_jax.training import reward_tasks, rl
 from musicrl_jax.training.trainer import eval_history
@@ -59,6 +61,18 @@ def restore_policy_params(lm_config: music_lm.MusicLMConfig, path: str, mesh=Non
     logical rules."""
     directory, step, meta = policy_checkpoint(path, step)
     init = functools.partial(music_lm.init_params, lm_config)
+    if meta.get("lora"):
+        # LoRA adapters over the frozen reference, which the checkpoint names.
+        lora = lora_lib.LoRAConfig(**meta["lora"])
+        base = restore_policy_params(lm_config, meta["reference_checkpoint"], mesh)
+
+        def init_adapters(rng):
+            return lora_lib.init(lora, partitioning.unbox(init(rng)), rng)
+
+        adapters = reward_tasks.restore_params(init_adapters, meta["kind"], directory, mesh,
+                                               step, make_state=rl_state_layout)
+        with partitioning.mesh_context(mesh or partitioning.make_mesh()):
+            return jax.jit(functools.partial(rl.current_policy, lora=lora))(adapters, base)
     make_state = rl_state_layout if meta["kind"] == "music_rl" else None
     return reward_tasks.restore_params(init, meta["kind"], directory, mesh, step,
                                        make_state=make_state)
@@ -99,14 +113,16 @@ def rl_finetune(lm_config=gin.REQUIRED, init_checkpoint: str = gin.REQUIRED,
     source = caption_source()
     combination.check_policy(lm_config, source.train_batch(0, 1)["caption_tokens"])
     extra = {"tokenizer_dir": tokenizer_dir} if tokenizer_dir else {}  # else gin's binding
+    reference_dir = os.path.abspath(reference_checkpoint or init_checkpoint)
     result = rl.train_rl(
+        checkpoint_meta={"reference_checkpoint": reference_dir},
         lm_config=lm_config, policy_params=policy, reference_params=reference,
         reward_fn=combination.reward_fn, reward_params=combination.params,
         caption_source=source, workdir=workdir,
         eval_source=eval_source() if eval_source else None, mesh=mesh, **extra)
     evals = eval_history(workdir)  # includes evaluations from before a resume
     summary = {"init_checkpoint": os.path.abspath(init_checkpoint),
-               "reference_checkpoint": os.path.abspath(reference_checkpoint or init_checkpoint),
+               "reference_checkpoint": reference_dir,
                "rewards": dict(combination.weights), "reward_stats": combination.stats,
                "step": result["step"], "train": result["train"]}
     if evals:
