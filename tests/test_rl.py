@@ -516,12 +516,19 @@ def test_host_rows_give_each_process_its_share(monkeypatch):
 
 @pytest.mark.parametrize("gin_file, algorithm", [
     ("local/musicrl_r.gin", "reinforce"), ("local/musicrl_u.gin", "reinforce"),
-    ("local/musicrl_ru.gin", "reinforce"), ("local/musicrl_u_grpo.gin", "grpo")])
+    ("local/musicrl_ru.gin", "reinforce"), ("local/musicrl_u_grpo.gin", "grpo"),
+    ("local/musicrl_u_lora.gin", "reinforce")])
 def test_rl_experiments_parse_and_build_an_accepted_rl_config(gin_file, algorithm):
+    import gin
+
     from musicrl_jax.main import parse_gin
     parse_gin([gin_file], [])
     config = rl.RLConfig()
     assert config.algorithm == algorithm and config.samples_per_caption >= 2
+    if "lora" in gin_file:
+        from musicrl_jax.models import lora
+        assert gin.query_parameter("train_rl.lora").selector == "LoRAConfig"
+        assert lora.LoRAConfig().rank == 8
 
 
 def test_the_dpo_experiment_parses_into_a_dpo_training_job():

@@ -416,25 +416,28 @@ def lm_param_shardings(lm_config: music_lm.MusicLMConfig, mesh, rules=None):
     return partitioning.tree_shardings(boxed, mesh, rules)
 
 
+def abstract_rl_state(lm_config: music_lm.MusicLMConfig, tx, mesh, rl_config: RLConfig,
+                      rules=None, lora: lora_lib.LoRAConfig | None = None, seed: int = 0):
+    """(abstract RLState with shardings, its shardings) without allocating: the layout
+    `create_rl_state` builds (and a checkpoint restores into, or a compiler analyses)."""
+    def init(rng):
+        trainable = music_lm.init_params(lm_config, rng)
+        if lora is not None:
+            trainable = lora_lib.init(lora, partitioning.unbox(trainable),
+                                      jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+        return RLState(step=jnp.zeros((), jnp.int32), params=trainable,
+                       opt_state=tx.init(trainable), beta=jnp.asarray(rl_config.beta, jnp.float32))
+
+    return partitioning.abstract_with_shardings(init, mesh, jax.random.PRNGKey(0), rules=rules)
+
+
 def create_rl_state(lm_config: music_lm.MusicLMConfig, tx, params, mesh, rl_config: RLConfig,
                     rules=None, lora: lora_lib.LoRAConfig | None = None, seed: int = 0):
     """RLState initialised from (pretrained, unboxed) `params`, sharded on `mesh` by the logical
     rules like `trainer.create_train_state`; returns (state, state_shardings, param_shardings).
     The policy starts at `params`; keep the same `params` as the frozen reference. With `lora`
     the state holds fresh adapters (replicated: they are small) instead of a copy of `params`."""
-    def trainable_init(rng):
-        if lora is None:
-            return music_lm.init_params(lm_config, rng)
-        base = partitioning.unbox(music_lm.init_params(lm_config, rng))
-        return lora_lib.init(lora, base, jax.random.fold_in(jax.random.PRNGKey(seed), 1))
-
-    def init(rng):
-        trainable = trainable_init(rng)
-        return RLState(step=jnp.zeros((), jnp.int32), params=trainable,
-                       opt_state=tx.init(trainable), beta=jnp.asarray(rl_config.beta, jnp.float32))
-
-    _, state_shardings = partitioning.abstract_with_shardings(init, mesh, jax.random.PRNGKey(0),
-                                                              rules=rules)
+    _, state_shardings = abstract_rl_state(lm_config, tx, mesh, rl_config, rules, lora, seed)
     param_shardings = lm_param_shardings(lm_config, mesh, rules)
     params = jax.device_put(params, param_shardings)
 
