@@ -259,10 +259,10 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
     pretrained_lm: another pretraining run on this data, used instead of the demo's own
     pretraining when it holds a checkpoint. dpo_task: a `DPOTask` factory; when given,
     MusicRL-U is also trained offline by DPO on the panel's preference pairs
-    ("musicrl_u_dpo") and evaluated beside the RL policies. sampling_candidates: when given, the sampling
-    settings for evaluation and samples are chosen among them (training raters, validation
-    captions; `evaluation.choose_sampling`) instead of `sampling`; the evaluation runs on
-    `eval_split` captions with the held-out raters."""
+    ("musicrl_u_dpo") and evaluated beside the RL policies. sampling_candidates: when given,
+    the sampling settings for evaluation and samples are chosen among them (training raters,
+    validation captions; `evaluation.choose_sampling`) instead of `sampling`; the evaluation
+    runs on `eval_split` captions with the held-out raters."""
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     assets = None
