@@ -593,3 +593,15 @@ def test_rl_with_lora_raises_toy_reward_with_one_copy_of_the_weights(tmp_path, t
     other = jax.tree.map(lambda x: x + 0.0, tiny_params)
     with pytest.raises(ConfigError, match="must start at the reference"):
         rl.train_rl(num_steps=1, workdir=str(tmp_path / "x"), reference_params=other, **args)
+
+
+def test_a_rejected_rl_setting_stops_the_run_when_gin_is_parsed():
+    from musicrl_jax.main import parse_gin
+    with pytest.raises(ConfigError, match="E\\[k2\\] is not the KL"):
+        parse_gin(["local/musicrl_u.gin"], ["RLConfig.kl_estimator = 'k2'"])
+    import gin
+    gin.clear_config()
+    with pytest.raises(ConfigError, match="off-policy"):
+        parse_gin(["local/musicrl_u.gin"], ["train_rl.rl_config = @hot/RLConfig()",
+                                             "hot/RLConfig.sampling = @hot/SamplingConfig()",
+                                             "hot/SamplingConfig.temperature = 0.7"])

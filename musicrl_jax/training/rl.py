@@ -167,6 +167,16 @@ class RLConfig:
                 "evaluation's sampling separately (demo.sampling / choose_sampling).")
 
 
+@gin.config.register_finalize_hook
+def _reject_bad_rl_config_at_parse(config):
+    """Builds every bound RLConfig when gin is finalised, so a rejected setting stops the run
+    before the data and pretraining stages rather than when RL starts."""
+    scopes = {scope for scope, selector in config if selector.split(".")[-1] == "RLConfig"}
+    for scope in scopes:
+        with gin.config_scope(scope or None):
+            RLConfig()
+
+
 @flax.struct.dataclass
 class RLState:
     step: jax.Array
