@@ -137,7 +137,7 @@ def pathwise_kl_gradient(samples, estimator):
         token_lp, _, _ = rl.policy_token_stats(CONFIG, params, samples["captions"],
                                                samples["codes"])
         return rl.kl_per_sequence(token_lp, samples["ref_lp"], samples["mask"], estimator).mean()
-    return jax.grad(per_token_kl)(POLICY)
+    return jax.jit(jax.grad(per_token_kl))(POLICY)
 
 
 @pytest.mark.parametrize("kl_estimator, kl_mode", [("k3", "reward"), ("k3", "loss"),
