@@ -423,6 +423,74 @@ def _nnls_multiplicative(basis: jax.Array, target: jax.Array, *, iters: int) -> 
     return jax.lax.fori_loop(0, iters, step, jnp.ones_like(at_b))
 
 
+def _hann(n_fft: int) -> np.ndarray:
+    """The periodic Hann window (librosa's and scipy's `get_window('hann', n, fftbins=True)`)."""
+    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)
+
+
+def _frames(y, n_fft: int, hop: int, num_frames: int):
+    """Centred, zero-padded frames ``[batch, num_frames, n_fft]`` of ``y [batch, samples]``,
+    cut from hop-sized chunks (dense slices, no gather)."""
+    chunks_per_frame = -(-n_fft // hop)
+    total = (num_frames + chunks_per_frame - 1) * hop
+    padded = jnp.pad(y, ((0, 0), (n_fft // 2, total - y.shape[1] - n_fft // 2)))
+    chunks = padded.reshape(y.shape[0], -1, hop)
+    stacked = jnp.stack([chunks[:, j:j + num_frames] for j in range(chunks_per_frame)], axis=2)
+    return stacked.reshape(y.shape[0], num_frames, -1)[..., :n_fft]
+
+
+def _overlap_add(frames, n_fft: int, hop: int):
+    """Inverse of `_frames` without normalisation: ``[batch, T, n_fft]`` -> the padded
+    signal ``[batch, (T + chunks_per_frame - 1) * hop]``."""
+    batch, num_frames, _ = frames.shape
+    chunks_per_frame = -(-n_fft // hop)
+    frames = jnp.pad(frames, ((0, 0), (0, 0), (0, chunks_per_frame * hop - n_fft)))
+    frames = frames.reshape(batch, num_frames, chunks_per_frame, hop)
+    out = jnp.zeros((batch, num_frames + chunks_per_frame - 1, hop), frames.dtype)
+    for j in range(chunks_per_frame):
+        out = out.at[:, j:j + num_frames].add(frames[:, :, j])
+    return out.reshape(batch, -1)
+
+
+@functools.partial(jax.jit, static_argnames=("n_fft", "hop", "iters", "seed"))
+def griffin_lim(magnitude: jax.Array, *, n_fft: int, hop: int, iters: int,
+                seed: int = 0) -> jax.Array:
+    """Fast Griffin-Lim (momentum 0.99, as librosa's) for ``magnitude [batch, n_fft//2+1, T]``
+    -> ``[batch, (T - 1) * hop]`` float32, batched and jitted. The initial phases are drawn
+    from `seed` once per (bin, frame) and shared by the batch, so a clip's audio does not depend
+    on its batch neighbours (up to float rounding). Centred Hann frames, zero padding,
+    window-sum normalisation: librosa.griffinlim's algorithm."""
+    batch, _, num_frames = magnitude.shape
+    length = (num_frames - 1) * hop
+    window = jnp.asarray(_hann(n_fft))
+    wss = _overlap_add(jnp.broadcast_to(window ** 2, (1, num_frames, n_fft)), n_fft, hop)[0]
+    wss = wss[n_fft // 2:n_fft // 2 + length]
+    magnitude = jnp.swapaxes(magnitude, 1, 2).astype(jnp.float32)  # [batch, T, bins]
+
+    def istft(spectrum):
+        frames = jnp.fft.irfft(spectrum, n=n_fft, axis=-1) * window
+        y = _overlap_add(frames, n_fft, hop)[:, n_fft // 2:n_fft // 2 + length]
+        return y / jnp.maximum(wss, 1e-8)
+
+    def stft(y):
+        return jnp.fft.rfft(_frames(y, n_fft, hop, num_frames) * window, axis=-1)
+
+    phase = jax.random.uniform(jax.random.PRNGKey(seed), magnitude.shape[1:])
+    angles = jnp.broadcast_to(jnp.exp(2j * jnp.pi * phase), magnitude.shape)
+    momentum = 0.99 / 1.99
+
+    def step(carry, _):
+        angles, previous = carry
+        rebuilt = stft(istft(magnitude * angles))
+        angles = rebuilt - momentum * previous
+        return (angles / (jnp.abs(angles) + 1e-16), rebuilt), None
+
+    (angles, _), _ = jax.lax.scan(step, (angles.astype(jnp.complex64),
+                                         jnp.zeros(magnitude.shape, jnp.complex64)),
+                                  None, length=iters)
+    return istft(magnitude * angles)
+
+
 # ---------------------------------------------------------------------------
 # Default codec: log-mel + residual vector quantisation
 # ---------------------------------------------------------------------------
@@ -630,14 +698,13 @@ class MelRVQTokenizer(AudioTokenizer):
         # which keeps Griffin-Lim's STFT/iSTFT shapes consistent without a
         # length argument.
         mel = np.concatenate([mel, mel[..., -1:]], axis=-1)
-        magnitude = np.sqrt(self.mel_power_to_linear_power(mel))
-        # librosa's mel_to_audio would draw phases from an unseeded RNG; seed
-        # them so decode is reproducible.
-        audio = librosa.griffinlim(
-            magnitude, n_iter=self.griffin_lim_iters, hop_length=self.hop_length,
-            n_fft=self.n_fft, window="hann", center=True, pad_mode="constant",
-            random_state=self.seed)
-        return audio.astype(np.float32)
+        magnitude = np.sqrt(self.mel_power_to_linear_power(mel)).astype(np.float32)
+        lead = magnitude.shape[:-2]
+        # One jitted, batched Griffin-Lim (seeded, so decode is reproducible); ~2.6x faster
+        # than librosa's at the same spectral convergence (benchmarks/collection.py).
+        audio = griffin_lim(magnitude.reshape((-1,) + magnitude.shape[-2:]), n_fft=self.n_fft,
+                            hop=self.hop_length, iters=self.griffin_lim_iters, seed=self.seed)
+        return np.asarray(audio, np.float32).reshape(lead + (-1,))
 
     # -- fitting ----------------------------------------------------------
 
