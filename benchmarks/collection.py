@@ -6,7 +6,8 @@ LM size (random weights: the cost does not depend on them) and the demo's fitted
 times its parts on one batch:
 
   sample     jit(decoding.sample) of the batch's clips (KV cache)
-  decode     tokenizer.decode: codes -> log-mel -> STFT magnitude -> Griffin-Lim waveform
+  decode     tokenizer.decode: codes -> log-mel -> STFT magnitude (mel inversion, NNLS) ->
+             Griffin-Lim waveform
   judge      features.batch_attributes + the raters' choices
 
 judged clips/s = clips judged by `collect` / its wall time after a warm-up batch.
@@ -72,6 +73,7 @@ def prompts(config, count: int = 64, seed: int = 0) -> collection.Prompts:
 
 
 def timed(fn):
+    jax.block_until_ready(fn())  # compile (these shapes differ from collect's sharded ones)
     start = time.perf_counter()
     out = jax.block_until_ready(fn())
     return out, time.perf_counter() - start
@@ -105,16 +107,21 @@ def main(argv=None):
     codes, t_sample = timed(lambda: decoding.sample(config, params, captions, rngs,
                                                     num_frames=args.frames)["codes"])
     audio, t_decode = timed(lambda: tokenizer.decode(np.asarray(codes)))
+    log_mel = tokenizer.tokens_to_log_mel(np.asarray(codes))
+    _, t_mel_inversion = timed(lambda: tokenizer.mel_power_to_linear_power(
+        tokenizer.log_mel_to_power(log_mel).swapaxes(-1, -2)))
     _, t_judge = timed(lambda: features.batch_attributes(audio, tokenizer.sample_rate,
                                                          batch.metas[:len(captions)]))
     clips = 2 * args.pairs
     per_clip = {k: 1000 * v / len(captions) for k, v in
-                (("sample", t_sample), ("decode", t_decode), ("judge", t_judge))}
+                (("sample", t_sample), ("decode", t_decode),
+                 ("of which mel inversion", t_mel_inversion), ("judge", t_judge))}
     print(f"collect: {clips} clips ({args.pairs} pairs, batches of {args.batch_size}) in "
           f"{elapsed:.1f} s = {clips / elapsed:.2f} judged clips/s on "
           f"{jax.device_count()} x {jax.devices()[0].platform}; per clip: "
           + ", ".join(f"{k} {v:.0f} ms" for k, v in per_clip.items()), flush=True)
-    return {"judged_clips_per_s": clips / elapsed, **{f"{k}_ms": v for k, v in per_clip.items()}}
+    return {"judged_clips_per_s": clips / elapsed,
+            **{f"{k.replace(' ', '_')}_ms": v for k, v in per_clip.items()}}
 
 
 if __name__ == "__main__":
