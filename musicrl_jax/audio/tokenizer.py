@@ -407,18 +407,44 @@ def _rvq_encode_jit(x: jax.Array, codebooks: jax.Array) -> jax.Array:
     return idx.T
 
 
-@functools.partial(jax.jit, static_argnames=("iters",))
-def _nnls_multiplicative(basis: jax.Array, target: jax.Array, *, iters: int) -> jax.Array:
+def sparse_columns(basis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows [c, f], weights [c, f]): the nonzero entries of each column of ``basis [m, f]``,
+    c the most any column holds (padding repeats the column's last row with weight 0, so a
+    banded basis like a mel filterbank, c <= 2, keeps every rows[j] sorted)."""
+    nonzero = basis != 0
+    count = max(int(nonzero.sum(0).max()), 1)
+    rows = np.zeros((count, basis.shape[1]), np.int32)
+    weights = np.zeros((count, basis.shape[1]), np.float32)
+    for column in range(basis.shape[1]):
+        hits = np.flatnonzero(nonzero[:, column])
+        last = hits[-1] if len(hits) else (rows[-1, column - 1] if column else 0)
+        rows[:, column] = last
+        rows[:len(hits), column] = hits
+        weights[:len(hits), column] = basis[hits, column]
+    return rows, weights
+
+
+@functools.partial(jax.jit, static_argnames=("num_rows", "iters", "sorted_rows"))
+def _nnls_multiplicative(rows: jax.Array, weights: jax.Array, target: jax.Array, *,
+                         num_rows: int, iters: int, sorted_rows: bool = False) -> jax.Array:
     """min ||basis @ x - target||^2 s.t. x >= 0, by Lee-Seung multiplicative
     updates from a flat start (each step keeps x >= 0 and never raises the
-    error). ``basis [m, f] >= 0``, ``target [m, n] >= 0`` -> ``x [f, n]``.
-    Bins no filter covers get 0."""
-    at_b = jnp.matmul(basis.T, target, precision=_HIGHEST)
+    error). The basis ``[m, f] >= 0`` is given by its column nonzeros
+    (`sparse_columns`), so each product costs O(c f n), not O(m f n): a mel
+    filterbank's columns hold <= 2 entries. ``target [m, n] >= 0`` ->
+    ``x [f, n]``. Bins no filter covers get 0."""
+    def forward(x):  # basis @ x
+        return sum(jax.ops.segment_sum(weights[j][:, None] * x, rows[j], num_segments=num_rows,
+                                       indices_are_sorted=sorted_rows)
+                   for j in range(rows.shape[0]))
+
+    def backward(y):  # basis.T @ y
+        return sum(weights[j][:, None] * y[rows[j]] for j in range(rows.shape[0]))
+
+    at_b = backward(target)
 
     def step(_, x):
-        at_ax = jnp.matmul(basis.T, jnp.matmul(basis, x, precision=_HIGHEST),
-                           precision=_HIGHEST)
-        return x * at_b / jnp.maximum(at_ax, 1e-30)
+        return x * at_b / jnp.maximum(backward(forward(x)), 1e-30)
 
     return jax.lax.fori_loop(0, iters, step, jnp.ones_like(at_b))
 
@@ -677,9 +703,11 @@ class MelRVQTokenizer(AudioTokenizer):
         columns = np.moveaxis(mel_power, -2, 0).reshape(n_mels, -1)
         width = max(64, 1 << (columns.shape[1] - 1).bit_length())
         columns = np.pad(columns, [(0, 0), (0, width - columns.shape[1])])
+        rows, weights = sparse_columns(self._mel_basis())
         linear = np.asarray(_nnls_multiplicative(
-            jnp.asarray(self._mel_basis()), jnp.asarray(columns),
-            iters=self.mel_inversion_iters))[:, :columns.shape[1]]
+            jnp.asarray(rows), jnp.asarray(weights), jnp.asarray(columns), num_rows=n_mels,
+            iters=self.mel_inversion_iters,
+            sorted_rows=bool((np.diff(rows, axis=1) >= 0).all())))[:, :columns.shape[1]]
         linear = linear[:, :int(np.prod(lead, dtype=int)) * frames]
         return np.moveaxis(linear.reshape(-1, *lead, frames), 0, -2)
 
