@@ -165,8 +165,8 @@ def _captions(config, batch=NUM_CAPTIONS, seed=0):
     return captions
 
 
-def _setup(config, params, mesh, rl_config=RL_CONFIG):
-    tx = optax.adam(5e-3)
+def _setup(config, params, mesh, rl_config=RL_CONFIG, tx=None):
+    tx = optax.adam(5e-3) if tx is None else tx
     with partitioning.mesh_context(mesh):
         state, state_shardings, param_shardings = rl.create_rl_state(config, tx, params, mesh,
                                                                      rl_config)
@@ -629,3 +629,24 @@ def test_entropy_bonus_and_adaptive_beta_act_with_numbers(tiny_config, tiny_para
     assert betas[0] == pytest.approx(0.1)
     for before, after, kl in zip(betas, betas[1:], kls):
         assert (after > before) == (kl > 0.5), (betas, kls)
+
+
+def test_ppo_clipping_holds_later_updates_near_the_sampling_policy(tiny_config, tiny_params):
+    """Several large updates per batch: with per-token clipping the last update's tokens sit
+    outside the clip range and the step moves the policy less than without it."""
+    mesh = partitioning.make_mesh(devices=jax.devices()[:1])
+    captions = _captions(tiny_config)
+    moved = {}
+    for clip in (0.0, 0.1):
+        config = rl.RLConfig(samples_per_caption=4, num_frames=8, beta=0.0,
+                             updates_per_batch=6, ratio_clip=clip)
+        setup = _setup(tiny_config, tiny_params, mesh, config, tx=optax.sgd(1.0))
+        state, metrics = _run(setup, _fresh_state(setup), captions, jax.random.PRNGKey(3))
+        metrics = rl.metrics_to_host(metrics)
+        moved[clip] = float(optax.tree.norm(jax.tree.map(
+            lambda a, b: a - b, jax.device_get(state.params), tiny_params)))
+        assert metrics["clip_fraction"] == 0.0  # the first update is on-policy
+        if clip:
+            assert metrics["clip_fraction_last"] > 0.05, metrics
+    print(f"params moved: unclipped {moved[0.0]:.3f}, clip 0.1 {moved[0.1]:.3f}")
+    assert moved[0.1] < 0.8 * moved[0.0], moved

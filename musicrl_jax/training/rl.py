@@ -319,8 +319,12 @@ def rl_loss(cfg: RLConfig, token_lp, old_token_lp, ref_token_lp, entropy, mask, 
     num_valid = jnp.maximum(mask.sum(), 1)
     mean_entropy = jnp.where(mask, entropy, 0.0).sum() / num_valid
     loss = pg + beta * kl_loss - cfg.entropy_bonus * mean_entropy
+    ratio = jnp.exp(jax.lax.stop_gradient(token_lp) - old_token_lp)
+    outside = (jnp.abs(ratio - 1.0) > cfg.ratio_clip) if cfg.ratio_clip > 0 else ratio < 0
     return loss, {"pg_loss": pg, "kl_loss": kl_loss, "loss": loss, "advantage_std": adv.std(),
-                  "shaped_reward_mean": shaped.mean()}
+                  "shaped_reward_mean": shaped.mean(),
+                  # Tokens whose ratio left [1 - clip, 1 + clip] (0 on the first update).
+                  "clip_fraction": jnp.where(mask, outside, False).sum() / num_valid}
 
 
 def adapt_beta(beta, kl, target_kl: float, rate: float):
