@@ -61,6 +61,7 @@ def test_dpo_learns_the_preferences_from_the_reference(tmp_path, tiny_config, pr
                       for s, e in evals.items()})
     # At the start the policy is the reference: every margin is 0.
     assert evals[0]["margin"] == pytest.approx(0.0, abs=1e-4)
+    assert evals[0]["agreement"] == pytest.approx(0.5)  # no margin: no side taken
     start_loss = math.log(2.0) if loss_type == "dpo" else None
     if start_loss is not None:
         assert evals[0]["loss"] == pytest.approx(start_loss, abs=1e-4)

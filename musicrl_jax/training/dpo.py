@@ -112,7 +112,9 @@ class DPOTask:
         margin = ((logprob_a - batch["ref_logprob_a"]) - (logprob_b - batch["ref_logprob_b"]))
         prob_a = 1.0 - batch["choice"].astype(jnp.float32)
         per_pair = preference_loss(margin, prob_a, self.beta, self.loss_type)
-        agreement = jnp.where(prob_a == 0.5, 0.5, (margin > 0) == (prob_a > 0.5))
+        # Ties, and margins at float noise (the policy still at the reference), count half.
+        undecided = (prob_a == 0.5) | (jnp.abs(margin) < 1e-3)
+        agreement = jnp.where(undecided, 0.5, (margin > 0) == (prob_a > 0.5))
         count = jnp.asarray(margin.shape[0], jnp.float32)
         return per_pair.sum(), count, {"loss": per_pair.sum(), "agreement": agreement.sum(),
                                        "margin": margin.sum()}
