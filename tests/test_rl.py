@@ -618,12 +618,12 @@ def test_entropy_bonus_and_adaptive_beta_act_with_numbers(tiny_config, tiny_para
         setup = _setup(tiny_config, tiny_params, mesh, config)
         return _train(setup, _fresh_state(setup), captions, steps)[1]
 
-    plain = run(12, beta=0.0)[-1]["entropy"]  # the toy reward alone lowers the entropy
-    raised = run(12, beta=0.0, entropy_bonus=5.0)[-1]["entropy"]
-    lowered = run(12, beta=0.0, entropy_bonus=-5.0)[-1]["entropy"]
-    print(f"entropy after 12 steps: no bonus {plain:.3f}, +5 {raised:.3f}, -5 {lowered:.3f}")
+    plain = run(8, beta=0.0)[-1]["entropy"]  # the toy reward alone lowers the entropy
+    raised = run(8, beta=0.0, entropy_bonus=5.0)[-1]["entropy"]
+    lowered = run(8, beta=0.0, entropy_bonus=-5.0)[-1]["entropy"]
+    print(f"entropy after 8 steps: no bonus {plain:.3f}, +5 {raised:.3f}, -5 {lowered:.3f}")
     assert raised > plain + 0.1 and lowered < plain - 0.1, (plain, raised, lowered)
-    history = run(12, beta=0.1, target_kl=0.5, adaptive_kl_rate=0.5)
+    history = run(8, beta=0.1, target_kl=0.5, adaptive_kl_rate=0.5)
     betas, kls = [m["beta"] for m in history], [m["kl"] for m in history]
     print(f"adaptive beta {betas[0]:.3f} -> {betas[-1]:.3f} while kl {kls[0]:.2f} -> {kls[-1]:.2f}")
     assert betas[0] == pytest.approx(0.1)

@@ -25,7 +25,7 @@ CONFIG = music_lm.MusicLMConfig(caption_vocab_size=8, codebook_size=3, num_codeb
 FRAMES = 2
 BETA = 0.5
 GROUP = 4
-NUM_SAMPLES = 32_768
+NUM_SAMPLES = 16_384
 CAPTION = np.array([[3, 5, 1, 0]], np.int32)
 ALL_CODES = jnp.asarray(list(itertools.product(range(CONFIG.codebook_size),
                                                repeat=FRAMES * CONFIG.num_codebooks)),
@@ -111,9 +111,11 @@ def compare(estimate, exact):
         np.linalg.norm(a) / np.linalg.norm(b))
 
 
-ACCEPTED = [dict(baseline=b, kl_mode=m, kl_estimator=e, updates_per_batch=u)
+# updates_per_batch does not enter the loss of the first update (its ratios are 1), so the
+# settings here are (baseline, kl_mode, estimator); the jitted-step test below runs U = 1 and 2.
+ACCEPTED = [dict(baseline=b, kl_mode=m, kl_estimator=e)
             for b in ("rloo", "batch_mean", "none") for m in ("reward", "loss")
-            for e in ("k1", "k3") for u in (1, 2)]
+            for e in ("k1", "k3")]
 
 
 @pytest.mark.parametrize("setting", ACCEPTED, ids=lambda s: "-".join(map(str, s.values())))
