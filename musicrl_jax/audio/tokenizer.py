@@ -632,6 +632,7 @@ class MelRVQTokenizer(AudioTokenizer):
         self.fit_stats: list[dict[str, float]] = []
         self._codebooks_device: jax.Array | None = None
         self._mel_basis_cache: np.ndarray | None = None
+        self._mel_basis_columns_cache = None
 
     # -- properties -------------------------------------------------------
 
@@ -703,13 +704,21 @@ class MelRVQTokenizer(AudioTokenizer):
         columns = np.moveaxis(mel_power, -2, 0).reshape(n_mels, -1)
         width = max(64, 1 << (columns.shape[1] - 1).bit_length())
         columns = np.pad(columns, [(0, 0), (0, width - columns.shape[1])])
-        rows, weights = sparse_columns(self._mel_basis())
+        rows, weights, sorted_rows = self._mel_basis_columns()
         linear = np.asarray(_nnls_multiplicative(
-            jnp.asarray(rows), jnp.asarray(weights), jnp.asarray(columns), num_rows=n_mels,
-            iters=self.mel_inversion_iters,
-            sorted_rows=bool((np.diff(rows, axis=1) >= 0).all())))[:, :columns.shape[1]]
+            rows, weights, jnp.asarray(columns), num_rows=n_mels,
+            iters=self.mel_inversion_iters, sorted_rows=sorted_rows))[:, :columns.shape[1]]
         linear = linear[:, :int(np.prod(lead, dtype=int)) * frames]
         return np.moveaxis(linear.reshape(-1, *lead, frames), 0, -2)
+
+    def _mel_basis_columns(self):
+        """The filterbank's column nonzeros for the NNLS, built once per tokenizer (decode's
+        hot path would otherwise loop over every bin on each call)."""
+        if self._mel_basis_columns_cache is None:
+            rows, weights = sparse_columns(self._mel_basis())
+            self._mel_basis_columns_cache = (jnp.asarray(rows), jnp.asarray(weights),
+                                             bool((np.diff(rows, axis=1) >= 0).all()))
+        return self._mel_basis_columns_cache
 
     def _mel_basis(self) -> np.ndarray:
         if self._mel_basis_cache is None:

@@ -435,14 +435,22 @@ def abstract_rl_state(lm_config: music_lm.MusicLMConfig, tx, mesh, rl_config: RL
     """(abstract RLState with shardings, its shardings) without allocating: the layout
     `create_rl_state` builds (and a checkpoint restores into, or a compiler analyses)."""
     def init(rng):
-        trainable = music_lm.init_params(lm_config, rng)
-        if lora is not None:
-            trainable = lora_lib.init(lora, partitioning.unbox(trainable),
-                                      jax.random.fold_in(jax.random.PRNGKey(seed), 1))
-        return RLState(step=jnp.zeros((), jnp.int32), params=trainable,
-                       opt_state=tx.init(trainable), beta=jnp.asarray(rl_config.beta, jnp.float32))
+        return _initial_state(music_lm.init_params(lm_config, rng), tx, rl_config, lora, seed)
 
     return partitioning.abstract_with_shardings(init, mesh, jax.random.PRNGKey(0), rules=rules)
+
+
+def _initial_state(params, tx, rl_config: RLConfig, lora, seed: int) -> RLState:
+    """The RLState at step 0: a copy of `params` or, with LoRA, fresh adapters over them."""
+    if lora is None:
+        # Copy so the policy never aliases the caller's arrays (jit forwards unchanged inputs,
+        # and a donated RL step would otherwise delete the frozen reference's buffers).
+        trainable = jax.tree.map(jnp.copy, params)
+    else:
+        trainable = lora_lib.init(lora, partitioning.unbox(params),
+                                  jax.random.fold_in(jax.random.PRNGKey(seed), 1))
+    return RLState(step=jnp.zeros((), jnp.int32), params=trainable,
+                   opt_state=tx.init(trainable), beta=jnp.asarray(rl_config.beta, jnp.float32))
 
 
 def create_rl_state(lm_config: music_lm.MusicLMConfig, tx, params, mesh, rl_config: RLConfig,
@@ -456,15 +464,7 @@ def create_rl_state(lm_config: music_lm.MusicLMConfig, tx, params, mesh, rl_conf
     params = jax.device_put(params, param_shardings)
 
     def build(p):
-        if lora is None:
-            # Copy so the policy never aliases the caller's arrays (jit forwards unchanged
-            # inputs, and a donated RL step would otherwise delete the frozen reference's).
-            trainable = jax.tree.map(jnp.copy, p)
-        else:
-            trainable = lora_lib.init(lora, p, jax.random.fold_in(jax.random.PRNGKey(seed), 1))
-        return RLState(step=jnp.zeros((), jnp.int32), params=trainable,
-                       opt_state=tx.init(trainable),
-                       beta=jnp.asarray(rl_config.beta, jnp.float32))
+        return _initial_state(p, tx, rl_config, lora, seed)
 
     with partitioning.mesh_context(mesh, rules):
         state = jax.jit(build, in_shardings=(param_shardings,),
