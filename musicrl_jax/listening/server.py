@@ -216,8 +216,8 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
             if value in (None, ""):
                 ratings[side] = None
                 continue
-            if isinstance(value, str) and value.isdigit():
-                value = int(value)
+            if isinstance(value, str):  # a form field; not int(): "²".isdigit() but int fails
+                value = _RATINGS.get(value, value)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5:
                 raise Refused(422, f"field 'rating_{side}' must be an integer 1-5 or empty")
             ratings[side] = value
@@ -303,10 +303,7 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
         def handle():
             listener_id, csrf_token = listener(request)
             check_csrf(request, listener_id, csrf_token, request.headers.get(CSRF_HEADER))
-            try:
-                fields = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise Refused(400, f"body is not valid JSON: {err}")
+            fields = _parse_json(body)
             if not isinstance(fields, dict):
                 raise Refused(422, "body must be a JSON object with pair_id, choice, "
                               "rating_a, rating_b")
@@ -345,6 +342,24 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
                             headers={"Cache-Control": "no-store"})
 
     return app
+
+
+_RATINGS = {str(v): v for v in range(1, 6)}
+
+
+def _parse_json_int(text: str) -> int | float:
+    # int() raises on more than 4,300 digits; a float fails the field checks by type, so a
+    # 5,000-digit rating is a 422 naming the field, not a 500.
+    return int(text) if len(text) <= 18 else float(text)
+
+
+def _parse_json(body: bytes):
+    try:
+        return json.loads(body, parse_int=_parse_json_int)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise Refused(400, f"body is not valid JSON: {err}")
+    except RecursionError:
+        raise Refused(400, "body is not valid JSON: nested too deeply")
 
 
 def _same_secret(supplied: str, expected: str) -> bool:

@@ -1,0 +1,85 @@
+"""Listening page: the weaknesses an attack on it found (issue 19), each with a test that failed
+on the code before its fix: vote fields that gave 500s (fuzzed over both vote endpoints)."""
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from test_listening import Session, demo_batch, session  # noqa: F401 (fixtures)
+
+HUGE = "9" * 5000  # int() refuses strings of more than 4,300 digits
+
+# Raw JSON fragments that are no valid value of the field they are put in.
+_BAD_JSON = {
+    "pair_id": [HUGE, "1", "true", "null", "[]", "{}", '"../x"', '"\\u0000"', '"\\ud800"',
+                '"x y"', json.dumps("a" * 200), json.dumps("p\u00b2")],
+    "choice": [HUGE, "null", "[]", '{"a": 1}', '"A"', '"a "', '""', '"\\ud800"', '"\u00b2"'],
+    "rating_a": [HUGE, "-" + HUGE, "1" + "0" * 400, '"' + HUGE + '"', '"\u00b2"', '"\u0663"',
+                 "0", "6", "-1", "3.0", "1e999", "NaN", "Infinity", "true", "[]", "{}",
+                 '" 3"', '"\\u0000"', '"\\ud800"', json.dumps("3" * 9000)],
+}
+_BAD_JSON["rating_b"] = _BAD_JSON["rating_a"]
+# Form values are strings: the same, spelled as a browser would send them.
+_BAD_FORM = {
+    "pair_id": [HUGE, "../x", "x y", "a" * 200, "\u00b2", "\x00"],
+    "choice": [HUGE, "A", "a ", "\u00b2", "\x00"],
+    "rating_a": [HUGE, "-" + HUGE, "\u00b2", "\u0663", "\u00b3", "0", "6", "-1", "3.0", " 3",
+                 "\x00", "3" * 9000],
+}
+_BAD_FORM["rating_b"] = _BAD_FORM["rating_a"]
+# Whole bodies that are no JSON object (or no form) at all.
+_BAD_BODIES = [b"[" * 8000, b'{"a": ' * 5000, b"\xff\xfe{}", b"", b"null", b'"vote"',
+               HUGE.encode(), b"\xef\xbb\xbf{}", b'{"choice": "a"', b"[" * 8000 + b"]" * 8000,
+               b'{"pair_id": "x", "pair_id": {"$gt": ""}}', b"\x00" * 100]
+
+
+def _json_body(pair_id: str, field: str, fragment: str) -> bytes:
+    fields = {"pair_id": json.dumps(pair_id), "choice": '"a"', "rating_a": "3", "rating_b": "4"}
+    fields[field] = fragment
+    return ("{" + ", ".join(f'"{k}": {v}' for k, v in fields.items()) + "}").encode()
+
+
+def test_fuzzed_vote_fields_are_4xx_json_naming_the_field_never_5xx(session):
+    """Issue 19, item 4: a 5,000-digit rating, a rating of '²' (JSON or form) and a body of
+    8,000 '[' were plain 500s."""
+    client = TestClient(session.app, raise_server_exceptions=False)
+    _, token = session.store.invite("fuzzer")
+    assert client.get("/login", params={"token": token}, follow_redirects=False).status_code == 303
+    pair = session.next_pair(client)
+    csrf = {"X-CSRF-Token": pair["csrf_token"], "Content-Type": "application/json"}
+    failures = []
+
+    def check(kind, field, value, response, named):
+        try:
+            error = response.json()["error"]
+        except (ValueError, KeyError, TypeError):
+            error = None
+        if not (400 <= response.status_code < 500 and isinstance(error, str) and named in error):
+            failures.append(f"{kind} {field}={value[:40]!r}: {response.status_code} "
+                            f"{response.text[:120]!r}")
+
+    for field, fragments in _BAD_JSON.items():
+        for fragment in fragments:
+            response = client.post("/api/vote", content=_json_body(pair["pair_id"], field,
+                                                                   fragment), headers=csrf)
+            check("json", field, fragment, response, field)
+    for body in _BAD_BODIES:
+        response = client.post("/api/vote", content=body, headers=csrf)
+        check("json body", "", body.decode("latin-1"), response, "")  # any message
+    for field, values in _BAD_FORM.items():
+        for value in values:
+            form = {"pair_id": pair["pair_id"], "choice": "a", "rating_a": "3", "rating_b": "4",
+                    "csrf_token": pair["csrf_token"], field: value}
+            response = client.post("/vote", data=form, follow_redirects=False)
+            check("form", field, value, response, field)
+    # A file part where a field should be, and a multipart body without its closing boundary.
+    response = client.post("/vote", data={"choice": "a", "csrf_token": pair["csrf_token"]},
+                           files={"pair_id": ("x.txt", b"x" * 100)}, follow_redirects=False)
+    check("multipart", "pair_id", "<file>", response, "pair_id")
+    response = client.post("/vote", content=b"--xx\r\nContent-Disposition: form-data; name=a",
+                           headers={"Content-Type": "multipart/form-data; boundary=xx"},
+                           follow_redirects=False)
+    check("multipart", "", "<truncated>", response, "")
+    assert not failures, f"{len(failures)} bad answers:\n" + "\n".join(failures)
+    assert session.store.votes() == []
