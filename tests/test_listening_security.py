@@ -1,12 +1,15 @@
 """Listening page: the weaknesses an attack on it found (issue 19), each with a test that failed
-on the code before its fix: vote fields that gave 500s (fuzzed over both vote endpoints)."""
+on the code before its fix: clip responses that told the models apart, vote fields that gave
+500s (fuzzed over both vote endpoints)."""
 
 import json
+import os
 
-import pytest
+import numpy as np
 from fastapi.testclient import TestClient
 
-from test_listening import Session, demo_batch, session  # noqa: F401 (fixtures)
+from musicrl_jax.listening import batch as batch_lib
+from test_listening import demo_batch, load, session  # noqa: F401 (fixtures)
 
 HUGE = "9" * 5000  # int() refuses strings of more than 4,300 digits
 
@@ -83,3 +86,43 @@ def test_fuzzed_vote_fields_are_4xx_json_naming_the_field_never_5xx(session):
     check("multipart", "", "<truncated>", response, "")
     assert not failures, f"{len(failures)} bad answers:\n" + "\n".join(failures)
     assert session.store.votes() == []
+
+
+# --- item 1: the blind test must stay blind ------------------------------------------------------
+
+def test_a_pairs_two_clips_are_served_alike_but_for_the_audio_bytes(session):
+    """Issue 19, item 1: GET /audio sent Last-Modified and ETag from the file, and make-batch
+    wrote model A's clip first, so the dates told the models apart."""
+    client = session.client("alice")
+    pair = session.next_pair(client)
+    # Byte ranges (browsers seek audio with them) still work; If-Range gets the whole clip.
+    for headers, status in (({}, 200), ({"Range": "bytes=0-99"}, 206),
+                            ({"Range": "bytes=0-99", "If-Range": '"x"'}, 200)):
+        a, b = (client.get(pair[f"audio_{side}"], headers=headers) for side in ("a", "b"))
+        assert a.status_code == b.status_code == status
+        # The demo clips are equally long, so even Content-Length must match.
+        assert dict(a.headers) == dict(b.headers)
+        assert not {"last-modified", "etag"} & set(a.headers)
+        assert a.content != b.content
+
+
+def test_make_batch_writes_a_pairs_clips_in_random_order_with_one_date(tmp_path):
+    written = []
+
+    def writer(model):
+        def write(path):
+            written.append(model)
+            load.write_wav(path, np.zeros(160), 16000)
+        return write
+
+    n = 24
+    batch = batch_lib.make_batch(
+        str(tmp_path / "b"), "b", [f"song {i}" for i in range(n)], [[5, 1]] * n,
+        ("base", "tuned"), ([np.zeros((2, 2), int)] * n,) * 2,
+        ([writer("base")] * n, [writer("tuned")] * n))
+    firsts = written[::2]
+    assert sorted(written[::2] + written[1::2]) == ["base"] * n + ["tuned"] * n
+    # Both orders occur (each 2**-23 likely to be missing by chance).
+    assert 0 < firsts.count("base") < n
+    mtimes = {os.stat(batch.clip_path(c.clip_id)).st_mtime for p in batch.pairs for c in p.clips}
+    assert len(mtimes) == 1

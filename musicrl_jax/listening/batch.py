@@ -14,7 +14,8 @@ A batch directory holds
 
 `caption_tokens` are caption-vocabulary ids with EOS (=1) and no padding, as in
 `musicrl_jax/data/feedback.py`. Clip ids are random hex strings: they appear in the page's
-audio URLs, so they must not reveal which model made the clip. Which clip of a pair is
+audio URLs, so they must not reveal which model made the clip. For the same reason a pair's
+two WAVs are written in a random order and all WAVs get one modification time. Which clip of a pair is
 shown as A is decided when the pair is first shown to a listener (see store.py), not here.
 
 `make_batch` writes a batch from two aligned lists of clips (WAVs and/or codes); the CLI's
@@ -28,6 +29,7 @@ import json
 import os
 import re
 import secrets
+import time
 from typing import Sequence
 
 import numpy as np
@@ -197,11 +199,13 @@ def make_batch(out_dir: str, batch_id: str, captions: Sequence[str],
         raise ConfigError(f"{os.path.join(out_dir, MANIFEST)} exists. Fix: choose a new --out "
                           "directory (a batch is never overwritten: votes refer to its ids).")
     os.makedirs(out_dir, exist_ok=True)
-    pairs, arrays = [], {}
+    pairs, arrays, wav_paths = [], {}, []
     for i in range(n):
         tokens = [int(t) for t in np.asarray(caption_tokens[i]).reshape(-1) if int(t) > 0]
-        clips = []
-        for side in (0, 1):
+        clips = [None, None]
+        # A random order per pair: written model A first, model A's clip would always be the
+        # older file, and anything that shows file dates would unblind the test.
+        for side in (0, 1) if secrets.randbelow(2) else (1, 0):
             clip_codes = np.asarray(codes[side][i])
             if clip_codes.ndim != 2 or clip_codes.size == 0 or not np.issubdtype(
                     clip_codes.dtype, np.integer) or clip_codes.min() < 0:
@@ -209,12 +213,16 @@ def make_batch(out_dir: str, batch_id: str, captions: Sequence[str],
                                   f"{model_ids[side]!r} have shape {clip_codes.shape} and dtype "
                                   f"{clip_codes.dtype}; expected non-negative ints [frames, K].")
             clip_id = new_clip_id()
-            wav_writers[side][i](os.path.join(out_dir, f"{clip_id}.wav"))
+            wav_paths.append(os.path.join(out_dir, f"{clip_id}.wav"))
+            wav_writers[side][i](wav_paths[-1])
             arrays[clip_id] = clip_codes.astype(np.int32)
-            clips.append({"clip_id": clip_id, "model_id": model_ids[side],
-                          "wav": f"{clip_id}.wav"})
+            clips[side] = {"clip_id": clip_id, "model_id": model_ids[side],
+                           "wav": f"{clip_id}.wav"}
         pairs.append({"pair_id": f"{batch_id}-{i:05d}", "caption": str(captions[i]),
                       "caption_tokens": tokens, "clips": clips})
+    stamp = time.time()
+    for path in wav_paths:  # one date for every clip: file times say nothing about a model
+        os.utime(path, (stamp, stamp))
     np.savez(os.path.join(out_dir, CODES_FILE), **arrays)
     manifest = {"format": FORMAT, "batch_id": batch_id, "codes_file": CODES_FILE,
                 "pairs": pairs}

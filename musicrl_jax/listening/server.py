@@ -11,7 +11,7 @@ Basic with the token as password) and nothing else does.
 Routes: GET / (the page), POST /vote (its form), GET /api/next and POST /api/vote (the same as
 JSON, for scripts and the load test), GET /audio/{clip_id} (a clip of a pair issued to the
 listener; the id is looked up in the batch manifest, so no client string reaches the
-filesystem), GET /login, GET /admin, GET /healthz.
+filesystem, and nothing but the audio bytes tells a pair's two clips apart), GET /login, GET /admin, GET /healthz.
 
 Refusals are JSON {"error": message} with a 4xx status: 401 no/unknown session or token,
 403 bad CSRF / foreign Origin / pair or clip not issued to this listener, 404 unknown pair or
@@ -99,6 +99,18 @@ _SECURITY_HEADERS = [
     # same-origin, not no-referrer: under no-referrer Chrome sends "Origin: null" on form posts.
     (b"referrer-policy", b"same-origin"),
 ]
+
+
+class _ClipResponse(FileResponse):
+    """A WAV with no validators taken from the file: Last-Modified and ETag (mtime-derived)
+    would tell a pair's two clips apart, and so which model made which. Byte ranges still work
+    (browsers seek audio with them); an If-Range cannot match, so it gets the whole clip."""
+
+    def set_stat_headers(self, stat_result) -> None:
+        self.headers.setdefault("content-length", str(stat_result.st_size))
+
+    def _should_use_range(self, http_if_range: str) -> bool:
+        return False
 
 
 def _client(scope_or_request) -> str:
@@ -321,7 +333,8 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
             raise Refused(404, "unknown clip", "unknown_clip", listener_id, clip_id)
         if not store.clip_issued_to(listener_id, clip_id):
             raise Refused(403, "clip not issued to you", "clip_not_issued", listener_id, clip_id)
-        return FileResponse(path, media_type="audio/wav")
+        return _ClipResponse(path, media_type="audio/wav",
+                             headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/admin")
     def admin(request: Request, format: str = "html"):
