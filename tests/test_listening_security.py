@@ -1,7 +1,9 @@
 """Listening page: the weaknesses an attack on it found (issue 19), each with a test that failed
-on the code before its fix: clip responses that told the models apart, vote fields that gave
-500s (fuzzed over both vote endpoints)."""
+on the code before its fix: clip responses that told the models apart, bodies read before the
+session was checked or without a size limit, vote fields that gave 500s (fuzzed over both vote
+endpoints)."""
 
+import asyncio
 import json
 import os
 
@@ -9,7 +11,7 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 from musicrl_jax.listening import batch as batch_lib
-from test_listening import demo_batch, load, session  # noqa: F401 (fixtures)
+from test_listening import Session, demo_batch, load, session  # noqa: F401 (fixtures)
 
 HUGE = "9" * 5000  # int() refuses strings of more than 4,300 digits
 
@@ -126,3 +128,81 @@ def test_make_batch_writes_a_pairs_clips_in_random_order_with_one_date(tmp_path)
     assert 0 < firsts.count("base") < n
     mtimes = {os.stat(batch.clip_path(c.clip_id)).st_mtime for p in batch.pairs for c in p.clips}
     assert len(mtimes) == 1
+
+
+# --- item 2: no body is read before the session check, none past the size limit -----------------
+
+def _asgi(app, method, path, chunks=(), headers=(), cookie=None):
+    """Calls the ASGI app directly with the body in `chunks` (no Content-Length unless given:
+    a chunked upload); returns (status, JSON body, how many body bytes the app pulled)."""
+    pending, pulled, replies = list(chunks) or [b""], 0, []
+    headers = [("host", "testserver"), *headers] + ([("cookie", cookie)] if cookie else [])
+
+    async def receive():
+        nonlocal pulled
+        if not pending:
+            return {"type": "http.disconnect"}
+        chunk = pending.pop(0)
+        pulled += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": bool(pending)}
+
+    async def send(message):
+        replies.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+             "query_string": b"", "root_path": "", "client": ("198.51.100.7", 4321),
+             "server": ("testserver", 80),
+             "headers": [(k.encode(), v.encode()) for k, v in headers]}
+    asyncio.run(app(scope, receive, send))
+    status = next(m["status"] for m in replies if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in replies if m["type"] == "http.response.body")
+    return status, json.loads(body) if body else None, pulled
+
+
+def test_bodies_are_read_only_after_the_session_check_and_never_past_the_limit(demo_batch,
+                                                                             tmp_path):
+    """Issue 19, item 2: an anonymous POST /vote of 250 fields of 1 MB was parsed in full before
+    the 401, and a 300 MB multipart part was spooled to a temp file."""
+    limit, chunk = 8192, 64 * 1024
+    s = Session(demo_batch, str(tmp_path / "votes.db"), rate_per_second=0.0,
+                max_body_bytes=limit)
+    form = [("content-type", "application/x-www-form-urlencoded")]
+    multipart = [("content-type", "multipart/form-data; boundary=xx")]
+    big_form = [b"f=" + b"x" * (chunk - 3) + b"&"] * 64  # 4 MiB, chunked
+    big_part = [b'--xx\r\nContent-Disposition: form-data; name="f"; filename="f"\r\n\r\n'] + [
+        b"x" * chunk] * 16
+    # Anonymous: refused before a byte of the body is read, whatever the route.
+    for path, headers in (("/vote", form), ("/vote", multipart), ("/api/vote", [])):
+        status, reply, pulled = _asgi(s.app, "POST", path, big_form, headers)
+        assert (status, pulled) == (401, 0) and "session" in reply["error"], (path, reply)
+    # A declared length over the limit is refused before routing, on any route.
+    for method, path in (("POST", "/vote"), ("GET", "/api/next"), ("POST", "/login")):
+        status, reply, pulled = _asgi(s.app, method, path, big_part,
+                                      multipart + [("content-length", str(300 << 20))])
+        assert (status, pulled) == (413, 0) and str(limit) in reply["error"], (path, reply)
+    # With a session, a chunked body stops being read once it passes the limit.
+    listener_id, _ = s.store.invite("alice")
+    session_id, _ = s.store.create_session(listener_id)
+    csrf = s.store.session(session_id, 3600)[1]
+    cookie = f"listening_session={session_id}"
+    for path, headers, chunks in (("/vote", multipart, big_part), ("/vote", form, big_form),
+                                  ("/api/vote", [("x-csrf-token", csrf)], big_form)):
+        status, reply, pulled = _asgi(s.app, "POST", path, chunks, headers, cookie)
+        assert status == 413 and str(limit) in reply["error"], (path, reply)
+        assert pulled <= limit + chunk, (path, pulled)
+    assert "body_too_large" in s.events()
+    # A vote under the limit still goes through, as a form, multipart or JSON.
+    client = s.client("bob")
+    for send in ("form", "multipart", "json"):
+        pair = s.next_pair(client)
+        fields = {"pair_id": pair["pair_id"], "choice": "a", "rating_a": "2"}
+        if send == "json":
+            assert s.vote(client, pair, "a", rating_a=2).status_code == 201
+            continue
+        fields["csrf_token"] = pair["csrf_token"]
+        response = client.post("/vote", data=fields, follow_redirects=False, files={
+            k: (None, v) for k, v in fields.items()} if send == "multipart" else None)
+        assert response.status_code == 303, response.text
+    assert [v["rating_a"] for v in s.store.votes()] == [2, 2, 2]
+    s.store.close()

@@ -155,6 +155,9 @@ def serve_command(args) -> None:
     from musicrl_jax.listening.batch import load_batch
     from musicrl_jax.listening.server import ServerSettings, create_app
     from musicrl_jax.listening.store import Store
+    if args.max_body_bytes < 1024:
+        raise ConfigError(f"--max-body-bytes {args.max_body_bytes}: too small for a vote; "
+                          "use at least 1024 (default 16384).")
     batch = load_batch(args.batch)
     admin_token = os.environ.get(ADMIN_TOKEN_ENV)
     if not admin_token:
@@ -162,7 +165,8 @@ def serve_command(args) -> None:
         print(f"admin token (set {ADMIN_TOKEN_ENV} to choose one): {admin_token}",
               file=sys.stderr)
     settings = ServerSettings(admin_token=admin_token, rate_per_second=args.rate_per_second,
-                              rate_burst=args.rate_burst, secure_cookies=args.secure_cookies)
+                              rate_burst=args.rate_burst, secure_cookies=args.secure_cookies,
+                              max_body_bytes=args.max_body_bytes)
     app = create_app(batch, Store(args.db), settings)
     print(f"serving batch {batch.batch_id!r} ({len(batch.pairs)} pairs) on "
           f"http://{args.host}:{args.port}/", file=sys.stderr)
@@ -237,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests a second per listener (token bucket refill; <= 0: off)")
     serve.add_argument("--rate-burst", type=int, default=60, help="token bucket size")
     serve.add_argument("--secure-cookies", action="store_true", help="when served over HTTPS")
+    serve.add_argument("--max-body-bytes", type=int, default=16 * 1024,  # server.MAX_BODY_BYTES
+                       help="largest request body read (larger: 413, before any parsing)")
     serve.add_argument("--proxy-headers", action="store_true",
                        help="trust X-Forwarded-* from a local reverse proxy")
     serve.add_argument("--log-level", default="info")

@@ -15,8 +15,8 @@ A batch directory holds
 `caption_tokens` are caption-vocabulary ids with EOS (=1) and no padding, as in
 `musicrl_jax/data/feedback.py`. Clip ids are random hex strings: they appear in the page's
 audio URLs, so they must not reveal which model made the clip. For the same reason a pair's
-two WAVs are written in a random order and all WAVs get one modification time. Which clip of a pair is
-shown as A is decided when the pair is first shown to a listener (see store.py), not here.
+two WAVs are written in a random order and all WAVs get one modification time. Which clip of
+a pair is shown as A is decided when the pair is first shown to a listener (see store.py).
 
 `make_batch` writes a batch from two aligned lists of clips (WAVs and/or codes); the CLI's
 `make-batch` command (see __main__.py) gathers those lists from directories and files.

@@ -11,14 +11,16 @@ Basic with the token as password) and nothing else does.
 Routes: GET / (the page), POST /vote (its form), GET /api/next and POST /api/vote (the same as
 JSON, for scripts and the load test), GET /audio/{clip_id} (a clip of a pair issued to the
 listener; the id is looked up in the batch manifest, so no client string reaches the
-filesystem, and nothing but the audio bytes tells a pair's two clips apart), GET /login, GET /admin, GET /healthz.
+filesystem, and nothing but the audio bytes tells a pair's two clips apart), GET /login,
+GET /admin, GET /healthz. No route reads a body over ServerSettings.max_body_bytes, and the
+vote routes read theirs only after the session checks out.
 
 Refusals are JSON {"error": message} with a 4xx status: 401 no/unknown session or token,
 403 bad CSRF / foreign Origin / pair or clip not issued to this listener, 404 unknown pair or
-clip, 409 repeated vote, 400/422 malformed input, 429 rate limit (token bucket per listener;
-per client address for failed logins). Every refusal that smells of probing (bad tokens, bad
-CSRF, pairs not issued, path traversal, malformed ids) goes to the `security_events` table and
-the `musicrl_jax.listening.security` logger.
+clip, 409 repeated vote, 400/422 malformed input, 413 body too large, 429 rate limit (token
+bucket per listener; per client address for failed logins). Every refusal that smells of
+probing (bad tokens, bad CSRF, pairs not issued, path traversal, malformed ids, oversized
+bodies) goes to the `security_events` table and the `musicrl_jax.listening.security` logger.
 """
 
 from __future__ import annotations
@@ -50,12 +52,14 @@ MAX_BODY_BYTES = 16 * 1024
 class ServerSettings:
     """admin_token: guards /admin. rate_per_second / rate_burst: each listener's token bucket
     (refill rate and size; rate_per_second <= 0 turns the limit off). secure_cookies: mark
-    cookies Secure (set it when serving over HTTPS, e.g. behind a TLS proxy)."""
+    cookies Secure (set it when serving over HTTPS, e.g. behind a TLS proxy). max_body_bytes:
+    the largest request body any route reads (a vote is a few hundred bytes)."""
     admin_token: str
     rate_per_second: float = 5.0
     rate_burst: int = 60
     session_max_age_s: float = 30 * 24 * 3600.0
     secure_cookies: bool = False
+    max_body_bytes: int = MAX_BODY_BYTES
 
 
 class TokenBucket:
@@ -119,6 +123,61 @@ def _client(scope_or_request) -> str:
     return client[0] if client else "unknown"
 
 
+class BodyTooLarge(Refused):
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body larger than {limit} bytes", "body_too_large",
+                         headers={"Connection": "close"})  # the rest of it is never read
+
+
+def _header(scope, name: bytes) -> str | None:
+    return next((v.decode("latin-1") for k, v in scope["headers"] if k == name), None)
+
+
+class _BodyLimit:
+    """ASGI middleware: no route reads more than `limit` body bytes. A larger Content-Length is
+    refused before routing; a body without one (chunked) is cut off, by BodyTooLarge from
+    `receive`, as soon as the bytes read pass the limit."""
+
+    def __init__(self, app, store: Store, limit: int):
+        self.app, self.store, self.limit = app, store, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = _header(scope, b"content-length")
+        if declared is not None and (not declared.strip().isdigit() or
+                                     int(declared) > self.limit):
+            return await self._refuse(scope, receive, send, BodyTooLarge(self.limit))
+        read, started = 0, False
+
+        async def limited_receive():
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > self.limit:
+                raise BodyTooLarge(self.limit)
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracked_send)
+        except BodyTooLarge as err:  # the app's Refused handler answers it when it can
+            if started:
+                raise
+            await self._refuse(scope, receive, send, err)
+
+    async def _refuse(self, scope, receive, send, err: Refused):
+        await run_in_threadpool(self.store.security_event, err.event, _client(scope),
+                                scope.get("path", ""), None, err.message)
+        response = JSONResponse({"error": err.message}, status_code=err.status,
+                                headers=err.headers)
+        await response(scope, receive, send)
+
+
 class _PathGuard:
     """ASGI middleware: refuses any path with a '..' segment, a backslash or a NUL (after
     percent-decoding, so '..%2F' is caught) before routing, logs it, and adds security headers
@@ -153,7 +212,8 @@ class _PathGuard:
 def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="musicrl_jax listening", docs_url=None, redoc_url=None,
                   openapi_url=None)
-    app.add_middleware(_PathGuard, store=store)
+    app.add_middleware(_BodyLimit, store=store, limit=settings.max_body_bytes)
+    app.add_middleware(_PathGuard, store=store)  # added last: outermost, headers on all replies
     listener_buckets = TokenBucket(settings.rate_per_second, settings.rate_burst)
     # Failed logins share a stricter bucket per client address: guessing tokens stays slow.
     failure_buckets = TokenBucket(max(settings.rate_per_second, 0.0) / 5, 10)
@@ -195,11 +255,14 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
                           headers={"Retry-After": str(max(1, round(wait)))})
         return session
 
-    def check_csrf(request: Request, listener_id: str, expected: str, supplied) -> None:
+    def check_origin(request: Request, listener_id: str | None) -> None:
         origin = request.headers.get("origin")
         if origin and urllib.parse.urlsplit(origin).netloc != request.headers.get("host"):
             raise Refused(403, "cross-site request refused", "foreign_origin", listener_id,
                           f"origin {origin}")
+
+    def check_csrf(request: Request, listener_id: str, expected: str, supplied) -> None:
+        check_origin(request, listener_id)
         if not isinstance(supplied, str) or not _same_secret(supplied, expected):
             raise Refused(403, "missing or wrong CSRF token: reload the page", "bad_csrf",
                           listener_id)
@@ -278,16 +341,20 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
                             headers={"Cache-Control": "no-store"})
 
     # Bodies are read on the event loop; the SQLite work runs in the thread pool, like the
-    # plain `def` routes, so a busy database never stalls the loop.
+    # plain `def` routes, so a busy database never stalls the loop. The session (and Origin)
+    # is checked first: an anonymous or cross-site body is never read, let alone parsed.
     @app.post("/vote")
     async def vote_form(request: Request):
+        listener_id, csrf_token = await run_in_threadpool(listener, request)
+        check_origin(request, listener_id)
         try:
             form = dict(await request.form())
+        except Refused:
+            raise
         except Exception as err:  # multipart parser errors carry no common base class
             raise Refused(400, f"unreadable form body: {err}")
 
         def handle():
-            listener_id, csrf_token = listener(request)
             check_csrf(request, listener_id, csrf_token, form.get("csrf_token"))
             submit(request, listener_id, form)
             return RedirectResponse("/", status_code=303)
@@ -306,15 +373,11 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
 
     @app.post("/api/vote", status_code=201)
     async def api_vote(request: Request):
-        body = b""
-        async for chunk in request.stream():  # capped: a vote is a few dozen bytes
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                raise Refused(413, f"body larger than {MAX_BODY_BYTES} bytes")
+        listener_id, csrf_token = await run_in_threadpool(listener, request)
+        check_csrf(request, listener_id, csrf_token, request.headers.get(CSRF_HEADER))
+        body = await request.body()  # capped by _BodyLimit
 
         def handle():
-            listener_id, csrf_token = listener(request)
-            check_csrf(request, listener_id, csrf_token, request.headers.get(CSRF_HEADER))
             fields = _parse_json(body)
             if not isinstance(fields, dict):
                 raise Refused(422, "body must be a JSON object with pair_id, choice, "
