@@ -1,17 +1,22 @@
 """Listening page: the weaknesses an attack on it found (issue 19), each with a test that failed
 on the code before its fix: clip responses that told the models apart, bodies read before the
-session was checked or without a size limit, vote fields that gave 500s (fuzzed over both vote
-endpoints)."""
+session was checked or without a size limit, invite tokens in the access log, vote fields that
+gave 500s (fuzzed over both vote endpoints)."""
 
 import asyncio
+import contextlib
 import json
 import os
+import subprocess
+import sys
+import time
 
+import httpx
 import numpy as np
 from fastapi.testclient import TestClient
 
 from musicrl_jax.listening import batch as batch_lib
-from test_listening import Session, demo_batch, load, session  # noqa: F401 (fixtures)
+from test_listening import REPO, Session, demo_batch, load, session  # noqa: F401 (fixtures)
 
 HUGE = "9" * 5000  # int() refuses strings of more than 4,300 digits
 
@@ -206,3 +211,49 @@ def test_bodies_are_read_only_after_the_session_check_and_never_past_the_limit(d
         assert response.status_code == 303, response.text
     assert [v["rating_a"] for v in s.store.votes()] == [2, 2, 2]
     s.store.close()
+
+
+# --- item 3: invite tokens stay out of the logs ---------------------------------------------------
+
+@contextlib.contextmanager
+def _serve(batch_dir, db_path, log_path, *args):
+    """`python -m musicrl_jax.listening serve` at log level info (access log on), its output
+    in `log_path`; yields the base URL."""
+    port = load.free_port()
+    env = dict(os.environ, MUSICRL_LISTENING_ADMIN_TOKEN="admin-secret", PYTHONPATH=REPO)
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "musicrl_jax.listening", "serve", "--batch", batch_dir,
+             "--db", db_path, "--port", str(port), "--log-level", "info", *args],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                assert process.poll() is None, open(log_path).read()
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{url}/healthz", timeout=1.0).status_code == 200:
+                        break
+                assert time.monotonic() < deadline, "server did not start within 60 s"
+                time.sleep(0.1)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+
+
+def test_invite_tokens_never_reach_the_access_log(demo_batch, tmp_path):
+    """Issue 19, item 3: GET /login?token=... was logged with the token."""
+    db_path, log_path = str(tmp_path / "votes.db"), tmp_path / "server.log"
+    tokens = list(load.invite(db_path, 3).values())
+    with _serve(demo_batch.directory, db_path, log_path) as url:
+        # The link as `invite` prints it; the name percent-encoded, after another field.
+        assert httpx.get(f"{url}/login?token={tokens[0]}").status_code == 303
+        assert httpx.get(f"{url}/login?lang=en&%74oken={tokens[1]}").status_code == 303
+        assert httpx.get(f"{url}/login?token=guess-{tokens[2][:8]}").status_code == 401
+        # The login form posts the token instead.
+        assert "method=\"post\"" in httpx.get(f"{url}/login").text
+        assert httpx.post(f"{url}/login", data={"token": tokens[2]}).status_code == 303
+    log = log_path.read_text()
+    assert not [t for t in tokens if t in log] and "guess" not in log, log
+    assert log.count("oken=[redacted]") == 3 and "POST /login HTTP/1.1\" 303" in log, log

@@ -1,19 +1,20 @@
 """The listening web app (FastAPI): a caption, two clips, A / B / no preference, optional 1-5
 ratings, next pair.
 
-Access: an invite link `/login?token=...` (tokens from `python -m musicrl_jax.listening invite`)
-starts a session: an HttpOnly, SameSite=Strict cookie holding a random session id, plus a
-per-session CSRF token that every POST must echo (hidden form field `csrf_token`, or the
-`X-CSRF-Token` header for the JSON API). A POST whose Origin header names another host is
-refused as well. `/admin` needs the admin token (`Authorization: Bearer <token>`, or HTTP
-Basic with the token as password) and nothing else does.
+Access: an invite link `/login?token=...` (tokens from `python -m musicrl_jax.listening
+invite`), or the token posted by the form at /login, starts a session: an HttpOnly,
+SameSite=Strict cookie holding a random session id, plus a per-session CSRF token that every
+POST must echo (hidden form field `csrf_token`, or the `X-CSRF-Token` header for the JSON
+API). A POST whose Origin header names another host is refused as well. `/admin` needs the
+admin token (`Authorization: Bearer <token>`, or HTTP Basic with the token as password) and
+nothing else does. The access log shows invite links as `token=[redacted]`.
 
 Routes: GET / (the page), POST /vote (its form), GET /api/next and POST /api/vote (the same as
 JSON, for scripts and the load test), GET /audio/{clip_id} (a clip of a pair issued to the
 listener; the id is looked up in the batch manifest, so no client string reaches the
-filesystem, and nothing but the audio bytes tells a pair's two clips apart), GET /login,
-GET /admin, GET /healthz. No route reads a body over ServerSettings.max_body_bytes, and the
-vote routes read theirs only after the session checks out.
+filesystem, and nothing but the audio bytes tells a pair's two clips apart), GET and POST
+/login, GET /admin, GET /healthz. No route reads a body over ServerSettings.max_body_bytes,
+and the vote routes read theirs only after the session checks out.
 
 Refusals are JSON {"error": message} with a 4xx status: 401 no/unknown session or token,
 403 bad CSRF / foreign Origin / pair or clip not issued to this listener, 404 unknown pair or
@@ -29,6 +30,8 @@ import base64
 import dataclasses
 import html
 import json
+import logging
+import re
 import secrets
 import threading
 import time
@@ -103,6 +106,34 @@ _SECURITY_HEADERS = [
     # same-origin, not no-referrer: under no-referrer Chrome sends "Origin: null" on form posts.
     (b"referrer-policy", b"same-origin"),
 ]
+
+
+# Query fields whose values never reach a log: the invite link is /login?token=<secret>.
+SECRET_QUERY_FIELDS = ("token",)
+_QUERY_FIELD = re.compile(r"([?&])([^=&\s\"#]*)=([^&\s\"#]*)")
+
+
+def redact_query(text: str) -> str:
+    """`text` with the value of every secret query field (in any percent-encoding of its
+    name, as the server would decode it) replaced by [redacted]."""
+    def redact(match):
+        name = urllib.parse.unquote_plus(match.group(2)).strip().lower()
+        if name not in SECRET_QUERY_FIELDS:
+            return match.group(0)
+        return f"{match.group(1)}{match.group(2)}=[redacted]"
+    return _QUERY_FIELD.sub(redact, text) if "=" in text else text
+
+
+class RedactQuerySecrets(logging.Filter):
+    """A logging filter for uvicorn's access log, which logs each URL with its query."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact_query(a) if isinstance(a, str) else a
+                                for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = redact_query(record.msg)
+        return True
 
 
 class _ClipResponse(FileResponse):
@@ -212,6 +243,9 @@ class _PathGuard:
 def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="musicrl_jax listening", docs_url=None, redoc_url=None,
                   openapi_url=None)
+    access_log = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactQuerySecrets) for f in access_log.filters):
+        access_log.addFilter(RedactQuerySecrets())
     app.add_middleware(_BodyLimit, store=store, limit=settings.max_body_bytes)
     app.add_middleware(_PathGuard, store=store)  # added last: outermost, headers on all replies
     listener_buckets = TokenBucket(settings.rate_per_second, settings.rate_burst)
@@ -317,10 +351,7 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
     def healthz():
         return {"ok": True, "batch_id": batch.batch_id, "pairs": len(pair_ids)}
 
-    @app.get("/login")
-    def login(request: Request, token: str | None = None):
-        if token is None:
-            return HTMLResponse(_page("Log in", _LOGIN_FORM))
+    def start_session(request: Request, token: str):
         listener_id = store.listener_for_token(token)
         if listener_id is None:
             refuse_unauthenticated(request, "unknown or revoked invite token", "bad_invite_token")
@@ -329,6 +360,21 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
         response = RedirectResponse("/", status_code=303)
         set_session_cookie(response, request, session_id)
         return response
+
+    @app.get("/login")
+    def login(request: Request, token: str | None = None):
+        if token is None:
+            return HTMLResponse(_page("Log in", _LOGIN_FORM))
+        return start_session(request, token)
+
+    # The login form posts the token: a typed token stays out of URLs, history and logs.
+    @app.post("/login")
+    async def login_form(request: Request):
+        check_origin(request, None)
+        token = (await _read_form(request)).get("token")
+        if not isinstance(token, str) or not token:
+            raise Refused(422, "field 'token' (your invite token) is missing")
+        return await run_in_threadpool(start_session, request, token)
 
     @app.get("/")
     def page(request: Request):
@@ -347,12 +393,7 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
     async def vote_form(request: Request):
         listener_id, csrf_token = await run_in_threadpool(listener, request)
         check_origin(request, listener_id)
-        try:
-            form = dict(await request.form())
-        except Refused:
-            raise
-        except Exception as err:  # multipart parser errors carry no common base class
-            raise Refused(400, f"unreadable form body: {err}")
+        form = await _read_form(request)
 
         def handle():
             check_csrf(request, listener_id, csrf_token, form.get("csrf_token"))
@@ -420,6 +461,15 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
     return app
 
 
+async def _read_form(request: Request) -> dict:
+    try:
+        return dict(await request.form())
+    except Refused:  # BodyTooLarge: answered as such
+        raise
+    except Exception as err:  # multipart parser errors carry no common base class
+        raise Refused(400, f"unreadable form body: {err}")
+
+
 _RATINGS = {str(v): v for v in range(1, 6)}
 
 
@@ -465,7 +515,7 @@ button{font-size:1.1rem;padding:.5rem 1.2rem;margin-right:.5rem}fieldset{border:
 .caption{font-size:1.2rem;background:#f3f3f3;padding:.8rem}"""
 
 _LOGIN_FORM = """<h1>Listening test</h1><p>Paste the invite token you were given.</p>
-<form method="get" action="/login"><input name="token" size="40" autocomplete="off">
+<form method="post" action="/login"><input name="token" size="40" autocomplete="off">
 <button type="submit">Start</button></form>"""
 
 
