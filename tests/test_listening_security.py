@@ -1,11 +1,12 @@
 """Listening page: the weaknesses an attack on it found (issue 19), each with a test that failed
 on the code before its fix: clip responses that told the models apart, bodies read before the
 session was checked or without a size limit, invite tokens in the access log, vote fields that
-gave 500s (fuzzed over both vote endpoints)."""
+gave 500s (fuzzed over both vote endpoints), security logging without bounds."""
 
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -257,3 +258,28 @@ def test_invite_tokens_never_reach_the_access_log(demo_batch, tmp_path):
     log = log_path.read_text()
     assert not [t for t in tokens if t in log] and "guess" not in log, log
     assert log.count("oken=[redacted]") == 3 and "POST /login HTTP/1.1\" 303" in log, log
+
+
+# --- item 5: security logging is bounded -------------------------------------------------------
+
+def test_a_flood_of_long_refused_requests_logs_a_bounded_amount(session, caplog):
+    """Issue 19, item 5: 100 unauthenticated requests with 60 KB paths grew the database by
+    5.7 MB and the server log by ~12 MB."""
+    client = TestClient(session.app)
+    client.cookies.set("listening_session", "forged")
+    long = "x" * 60_000
+    with caplog.at_level(logging.WARNING, logger="musicrl_jax.listening.security"):
+        for i in range(50):  # path traversal (before routing) and a forged session (after)
+            assert client.get(f"/audio/..%2F{long}{i}").status_code == 400
+            assert client.get(f"/audio/{long}{i}").status_code in (401, 429)
+    events = session.store.security_events()
+    logged = sum(len(r.getMessage()) for r in caplog.records)
+    stored = sum(len(str(v)) for e in events for v in e.values())
+    assert len(events) <= 25 and stored < 25 * 1000 and logged < 30 * 1000, (
+        len(events), stored, logged)
+    assert {"path_traversal", "bad_session"} <= {e["kind"] for e in events}
+    assert any("over the cap" in r.getMessage() for r in caplog.records)
+    # The cap is per client: another address is still heard.
+    other = TestClient(session.app, client=("203.0.113.9", 4321))
+    assert other.get("/audio/..%2Fx").status_code == 400
+    assert session.store.security_events()[-1]["client"] == "203.0.113.9"

@@ -43,7 +43,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from starlette.concurrency import run_in_threadpool
 
 from musicrl_jax.listening.batch import ID_PATTERN, Batch
-from musicrl_jax.listening.store import CHOICES, DuplicateVote, Store, assignment_order
+from musicrl_jax.listening.store import (CHOICES, SECURITY_LOG, DuplicateVote, Store,
+                                         assignment_order)
 from musicrl_jax.listening.summary import format_summary, summarize
 
 SESSION_COOKIE = "listening_session"
@@ -56,13 +57,17 @@ class ServerSettings:
     """admin_token: guards /admin. rate_per_second / rate_burst: each listener's token bucket
     (refill rate and size; rate_per_second <= 0 turns the limit off). secure_cookies: mark
     cookies Secure (set it when serving over HTTPS, e.g. behind a TLS proxy). max_body_bytes:
-    the largest request body any route reads (a vote is a few hundred bytes)."""
+    the largest request body any route reads (a vote is a few hundred bytes).
+    security_events_per_second / _burst: the cap on security events recorded per client address
+    (a token bucket, as for listeners; <= 0: no cap)."""
     admin_token: str
     rate_per_second: float = 5.0
     rate_burst: int = 60
     session_max_age_s: float = 30 * 24 * 3600.0
     secure_cookies: bool = False
     max_body_bytes: int = MAX_BODY_BYTES
+    security_events_per_second: float = 0.1
+    security_events_burst: int = 20
 
 
 class TokenBucket:
@@ -86,6 +91,34 @@ class TokenBucket:
                 return 0.0
             self._buckets[key] = (tokens, now)
             return (1.0 - tokens) / self.rate
+
+
+class SecurityEvents:
+    """Records refused requests (Store.security_event) at most `burst` at once and `rate` a
+    second per client address: a flood of probes costs a bounded number of rows and log lines.
+    How many were dropped goes into the client's next recorded event."""
+
+    def __init__(self, store: Store, rate: float, burst: int):
+        self.store, self._bucket = store, TokenBucket(rate, burst)
+        self._dropped: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def record(self, kind: str, client: str, path: str, listener_id: str | None = None,
+               detail: str = "") -> None:
+        allowed = self._bucket.take(client) == 0.0
+        with self._lock:
+            if allowed:
+                dropped = self._dropped.pop(client, 0)
+            else:
+                dropped = self._dropped[client] = self._dropped.get(client, 0) + 1
+        if not allowed:
+            if dropped == 1:
+                SECURITY_LOG.warning("security events from client %s over the cap: dropping "
+                                     "them until it slows down", client[:64])
+            return
+        if dropped:
+            detail = f"{detail} ({dropped} events of this client dropped before)".strip()
+        self.store.security_event(kind, client, path, listener_id, detail)
 
 
 class Refused(Exception):
@@ -169,8 +202,8 @@ class _BodyLimit:
     refused before routing; a body without one (chunked) is cut off, by BodyTooLarge from
     `receive`, as soon as the bytes read pass the limit."""
 
-    def __init__(self, app, store: Store, limit: int):
-        self.app, self.store, self.limit = app, store, limit
+    def __init__(self, app, events: SecurityEvents, limit: int):
+        self.app, self.events, self.limit = app, events, limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -202,7 +235,7 @@ class _BodyLimit:
             await self._refuse(scope, receive, send, err)
 
     async def _refuse(self, scope, receive, send, err: Refused):
-        await run_in_threadpool(self.store.security_event, err.event, _client(scope),
+        await run_in_threadpool(self.events.record, err.event, _client(scope),
                                 scope.get("path", ""), None, err.message)
         response = JSONResponse({"error": err.message}, status_code=err.status,
                                 headers=err.headers)
@@ -214,8 +247,8 @@ class _PathGuard:
     percent-decoding, so '..%2F' is caught) before routing, logs it, and adds security headers
     to every response."""
 
-    def __init__(self, app, store: Store):
-        self.app, self.store = app, store
+    def __init__(self, app, events: SecurityEvents):
+        self.app, self.events = app, events
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -224,8 +257,7 @@ class _PathGuard:
         decoded = urllib.parse.unquote(path)  # catches double-encoded dots as well
         if any(s == ".." for s in decoded.replace("\\", "/").split("/")) or (
                 "\\" in path or "\x00" in decoded):
-            await run_in_threadpool(self.store.security_event, "path_traversal",
-                                    _client(scope), path)
+            await run_in_threadpool(self.events.record, "path_traversal", _client(scope), path)
             response = JSONResponse({"error": "path refused"}, status_code=400)
             return await response(scope, receive, self._with_headers(send))
         return await self.app(scope, receive, self._with_headers(send))
@@ -246,8 +278,10 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
     access_log = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactQuerySecrets) for f in access_log.filters):
         access_log.addFilter(RedactQuerySecrets())
-    app.add_middleware(_BodyLimit, store=store, limit=settings.max_body_bytes)
-    app.add_middleware(_PathGuard, store=store)  # added last: outermost, headers on all replies
+    events = SecurityEvents(store, settings.security_events_per_second,
+                            settings.security_events_burst)
+    app.add_middleware(_BodyLimit, events=events, limit=settings.max_body_bytes)
+    app.add_middleware(_PathGuard, events=events)  # added last: outermost, headers on all replies
     listener_buckets = TokenBucket(settings.rate_per_second, settings.rate_burst)
     # Failed logins share a stricter bucket per client address: guessing tokens stays slow.
     failure_buckets = TokenBucket(max(settings.rate_per_second, 0.0) / 5, 10)
@@ -257,7 +291,7 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused):
         if exc.event:
-            await run_in_threadpool(store.security_event, exc.event, _client(request),
+            await run_in_threadpool(events.record, exc.event, _client(request),
                                     request.url.path, exc.listener_id,
                                     f"{exc.message} {exc.detail}".strip())
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)

@@ -95,6 +95,12 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _shorten(text: str | None, limit: int) -> str | None:
+    if text is None or len(text) <= limit:
+        return text
+    return f"{text[:limit]}...(+{len(text) - limit} chars)"
+
+
 def assignment_order(pair_ids: list[str], batch_id: str, listener_id: str) -> list[str]:
     """The listener's shuffled order over the batch (deterministic, different per listener)."""
     order = sorted(pair_ids)
@@ -240,12 +246,15 @@ class Store:
 
     def security_event(self, kind: str, client: str | None, path: str | None,
                        listener_id: str | None = None, detail: str = "") -> None:
-        """Logs a refused request (python logging and the security_events table)."""
+        """Logs a refused request (python logging and the security_events table). Clients
+        choose these values (a path can be 60 KB): each is cut to a few hundred characters."""
+        kind, client, listener_id = (_shorten(v, 64) for v in (kind, client, listener_id))
+        path, detail = _shorten(path, 200), _shorten(detail, 300)
         SECURITY_LOG.warning("refused %s: client=%s listener=%s path=%r %s", kind, client,
                              listener_id, path, detail)
         self._execute("INSERT INTO security_events (created_at, kind, listener_id, client, path, "
                       "detail) VALUES (?, ?, ?, ?, ?, ?)",
-                      (time.time(), kind, listener_id, client, path, detail[:500]))
+                      (time.time(), kind, listener_id, client, path, detail))
 
     def security_events(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._query("SELECT * FROM security_events ORDER BY event_id")]
