@@ -1,7 +1,8 @@
 """Listening page: the weaknesses an attack on it found (issue 19), each with a test that failed
 on the code before its fix: clip responses that told the models apart, bodies read before the
 session was checked or without a size limit, invite tokens in the access log, vote fields that
-gave 500s (fuzzed over both vote endpoints), security logging without bounds."""
+gave 500s (fuzzed over both vote endpoints), security logging without bounds; and forwarded
+addresses believed from anyone, any Host header accepted."""
 
 import asyncio
 import contextlib
@@ -14,9 +15,13 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 from fastapi.testclient import TestClient
 
+from musicrl_jax.errors import ConfigError
+from musicrl_jax.listening import __main__ as cli
 from musicrl_jax.listening import batch as batch_lib
+from musicrl_jax.listening.store import Store
 from test_listening import REPO, Session, demo_batch, load, session  # noqa: F401 (fixtures)
 
 HUGE = "9" * 5000  # int() refuses strings of more than 4,300 digits
@@ -217,10 +222,9 @@ def test_bodies_are_read_only_after_the_session_check_and_never_past_the_limit(d
 # --- item 3: invite tokens stay out of the logs ---------------------------------------------------
 
 @contextlib.contextmanager
-def _serve(batch_dir, db_path, log_path, *args):
+def _serve(batch_dir, db_path, log_path, port, *args):
     """`python -m musicrl_jax.listening serve` at log level info (access log on), its output
     in `log_path`; yields the base URL."""
-    port = load.free_port()
     env = dict(os.environ, MUSICRL_LISTENING_ADMIN_TOKEN="admin-secret", PYTHONPATH=REPO)
     with open(log_path, "w") as log:
         process = subprocess.Popen(
@@ -243,21 +247,71 @@ def _serve(batch_dir, db_path, log_path, *args):
             process.wait(timeout=10)
 
 
-def test_invite_tokens_never_reach_the_access_log(demo_batch, tmp_path):
+@pytest.fixture(scope="module")
+def served(demo_batch, tmp_path_factory):
+    """One real server for the tests below: access log on, X-Forwarded-For believed only from
+    a proxy at 192.0.2.1, answering only for Host 127.0.0.1:<port>."""
+    tmp = tmp_path_factory.mktemp("served")
+    db_path, log_path, port = str(tmp / "votes.db"), tmp / "server.log", load.free_port()
+    with _serve(demo_batch.directory, db_path, log_path, port, "--trusted-proxy", "192.0.2.1",
+                "--proxy-headers", "--base-url", f"http://127.0.0.1:{port}") as url:
+        yield {"url": url, "db_path": db_path, "log_path": log_path}
+
+
+def test_invite_tokens_never_reach_the_access_log(served):
     """Issue 19, item 3: GET /login?token=... was logged with the token."""
-    db_path, log_path = str(tmp_path / "votes.db"), tmp_path / "server.log"
-    tokens = list(load.invite(db_path, 3).values())
-    with _serve(demo_batch.directory, db_path, log_path) as url:
-        # The link as `invite` prints it; the name percent-encoded, after another field.
-        assert httpx.get(f"{url}/login?token={tokens[0]}").status_code == 303
-        assert httpx.get(f"{url}/login?lang=en&%74oken={tokens[1]}").status_code == 303
-        assert httpx.get(f"{url}/login?token=guess-{tokens[2][:8]}").status_code == 401
-        # The login form posts the token instead.
-        assert "method=\"post\"" in httpx.get(f"{url}/login").text
-        assert httpx.post(f"{url}/login", data={"token": tokens[2]}).status_code == 303
-    log = log_path.read_text()
+    url = served["url"]
+    tokens = list(load.invite(served["db_path"], 3, prefix="logged").values())
+    # The link as `invite` prints it; the name percent-encoded, after another field.
+    assert httpx.get(f"{url}/login?token={tokens[0]}").status_code == 303
+    assert httpx.get(f"{url}/login?lang=en&%74oken={tokens[1]}").status_code == 303
+    assert httpx.get(f"{url}/login?token=guess-{tokens[2][:8]}").status_code == 401
+    # The login form posts the token instead.
+    assert "method=\"post\"" in httpx.get(f"{url}/login").text
+    assert httpx.post(f"{url}/login", data={"token": tokens[2]}).status_code == 303
+    log = served["log_path"].read_text()  # logging flushes every line
     assert not [t for t in tokens if t in log] and "guess" not in log, log
-    assert log.count("oken=[redacted]") == 3 and "POST /login HTTP/1.1\" 303" in log, log
+    assert log.count("oken=[redacted]") >= 3 and "POST /login HTTP/1.1\" 303" in log, log
+
+
+# --- also in issue 19: forwarded addresses and the Host header ----------------------------------
+
+def test_forwarded_for_is_believed_only_from_the_trusted_proxy(served):
+    """With --proxy-headers a client connecting directly could rotate X-Forwarded-For and so
+    escape the failed-login limit (uvicorn trusted loopback by default)."""
+    url = served["url"]
+    statuses = [httpx.get(f"{url}/login?token=wrong", headers={
+        "X-Forwarded-For": f"198.51.100.{i}"}).status_code for i in range(15)]
+    assert 429 in statuses, statuses
+    store = Store(served["db_path"])
+    clients = {e["client"] for e in store.security_events()}
+    store.close()
+    assert clients == {"127.0.0.1"}, clients
+    # A Host other than the --base-url's is refused (the Origin check compares against it).
+    response = httpx.get(f"{url}/healthz", headers={"Host": "evil.example"})
+    assert response.status_code == 400 and "evil.example" in response.json()["error"]
+
+
+def test_host_header_check_and_serve_options(demo_batch, tmp_path, capsys):
+    s = Session(demo_batch, str(tmp_path / "votes.db"), allowed_hosts=("listen.example.org",))
+    assert TestClient(s.app, base_url="http://listen.example.org").get(
+        "/healthz").status_code == 200
+    assert TestClient(s.app).get("/healthz").status_code == 400  # Host: testserver
+    assert s.events() == ["bad_host"]
+    s.store.close()
+    assert cli.allowed_hosts("https://Listen.example.org/", "0.0.0.0", 8000) == (
+        "listen.example.org", "listen.example.org:443")
+    assert cli.allowed_hosts("http://10.0.0.5:8080", "0.0.0.0", 8000) == ("10.0.0.5:8080",)
+    assert "localhost:8000" in cli.allowed_hosts(None, "127.0.0.1", 8000)
+    assert cli.allowed_hosts(None, "0.0.0.0", 8000) == ()
+    with pytest.raises(ConfigError, match="--base-url"):
+        cli.allowed_hosts("listen.example.org", "0.0.0.0", 8000)
+    serve = ["serve", "--batch", demo_batch.directory, "--db", str(tmp_path / "v.db")]
+    for extra in (["--proxy-headers"], ["--proxy-headers", "--trusted-proxy", "10.0.0.1"],
+                  ["--trusted-proxy", "*", "--base-url", "https://x.org"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(serve + extra)
+        assert exit_info.value.code == 2 and "--trusted-proxy" in capsys.readouterr().err
 
 
 # --- item 5: security logging is bounded -------------------------------------------------------

@@ -22,6 +22,7 @@ import os
 import secrets
 import shutil
 import sys
+import urllib.parse
 
 import numpy as np
 
@@ -149,6 +150,32 @@ def invite_command(args) -> None:
         store.close()
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def allowed_hosts(base_url: str | None, host: str, port: int) -> tuple[str, ...]:
+    """The Host header values `serve` answers: --base-url's host, else the bind address (all
+    loopback names for a loopback bind); () (no check) for a wildcard bind without --base-url."""
+    if base_url:
+        parts = urllib.parse.urlsplit(base_url)
+        try:
+            url_port = parts.port
+        except ValueError:
+            url_port = -1
+        if parts.scheme not in ("http", "https") or not parts.hostname or url_port == -1:
+            raise ConfigError(f"--base-url {base_url!r}: expected the address listeners open, "
+                              "like https://listen.example.org or http://10.0.0.5:8000.")
+        name = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        default = 443 if parts.scheme == "https" else 80
+        url_port = url_port or default
+        return (name, f"{name}:{default}") if url_port == default else (f"{name}:{url_port}",)
+    if host in ("", "0.0.0.0", "::"):
+        return ()
+    names = ("127.0.0.1", "localhost", "[::1]") if host in _LOOPBACK else (
+        f"[{host}]" if ":" in host else host,)
+    return tuple(f"{name}:{port}" for name in names)
+
+
 def serve_command(args) -> None:
     import uvicorn
 
@@ -158,6 +185,19 @@ def serve_command(args) -> None:
     if args.max_body_bytes < 1024:
         raise ConfigError(f"--max-body-bytes {args.max_body_bytes}: too small for a vote; "
                           "use at least 1024 (default 16384).")
+    proxy_headers = args.proxy_headers or bool(args.trusted_proxy)
+    if proxy_headers and not (args.trusted_proxy and args.base_url):
+        raise ConfigError("--proxy-headers needs --trusted-proxy ADDR (the reverse proxy's "
+                          "address; X-Forwarded-For from any other is ignored, so a client "
+                          "connecting directly cannot pick its address) and --base-url URL "
+                          "(the public address, whose host the proxy passes on).")
+    if "*" in (args.trusted_proxy or []):
+        raise ConfigError("--trusted-proxy '*': trusting every address lets any client pick "
+                          "its own. Fix: give the reverse proxy's address.")
+    hosts = allowed_hosts(args.base_url, args.host, args.port)
+    if not hosts:
+        print(f"warning: serving on {args.host} without --base-url: the Host header is not "
+              "checked. Pass --base-url with the address listeners open.", file=sys.stderr)
     batch = load_batch(args.batch)
     admin_token = os.environ.get(ADMIN_TOKEN_ENV)
     if not admin_token:
@@ -166,12 +206,12 @@ def serve_command(args) -> None:
               file=sys.stderr)
     settings = ServerSettings(admin_token=admin_token, rate_per_second=args.rate_per_second,
                               rate_burst=args.rate_burst, secure_cookies=args.secure_cookies,
-                              max_body_bytes=args.max_body_bytes)
+                              max_body_bytes=args.max_body_bytes, allowed_hosts=hosts)
     app = create_app(batch, Store(args.db), settings)
     print(f"serving batch {batch.batch_id!r} ({len(batch.pairs)} pairs) on "
           f"http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                proxy_headers=args.proxy_headers)
+                proxy_headers=proxy_headers, forwarded_allow_ips=args.trusted_proxy or [])
 
 
 def summary_command(args) -> dict:
@@ -244,7 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=16 * 1024,  # server.MAX_BODY_BYTES
                        help="largest request body read (larger: 413, before any parsing)")
     serve.add_argument("--proxy-headers", action="store_true",
-                       help="trust X-Forwarded-* from a local reverse proxy")
+                       help="take the client address and scheme from X-Forwarded-* headers "
+                       "sent by a --trusted-proxy")
+    serve.add_argument("--trusted-proxy", action="append", metavar="ADDR",
+                       help="address (or CIDR) of the reverse proxy whose X-Forwarded-* "
+                       "headers are believed (repeatable; implies --proxy-headers)")
+    serve.add_argument("--base-url", help="the address listeners open (e.g. "
+                       "https://listen.example.org): requests for any other Host are refused "
+                       "(default: the --host/--port address)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=serve_command)
 

@@ -59,7 +59,8 @@ class ServerSettings:
     cookies Secure (set it when serving over HTTPS, e.g. behind a TLS proxy). max_body_bytes:
     the largest request body any route reads (a vote is a few hundred bytes).
     security_events_per_second / _burst: the cap on security events recorded per client address
-    (a token bucket, as for listeners; <= 0: no cap)."""
+    (a token bucket, as for listeners; <= 0: no cap). allowed_hosts: the Host header values
+    ("name" or "name:port") served; any other is refused (empty: no check)."""
     admin_token: str
     rate_per_second: float = 5.0
     rate_burst: int = 60
@@ -68,6 +69,7 @@ class ServerSettings:
     max_body_bytes: int = MAX_BODY_BYTES
     security_events_per_second: float = 0.1
     security_events_burst: int = 20
+    allowed_hosts: tuple[str, ...] = ()
 
 
 class TokenBucket:
@@ -244,11 +246,13 @@ class _BodyLimit:
 
 class _PathGuard:
     """ASGI middleware: refuses any path with a '..' segment, a backslash or a NUL (after
-    percent-decoding, so '..%2F' is caught) before routing, logs it, and adds security headers
-    to every response."""
+    percent-decoding, so '..%2F' is caught) before routing, and a Host header not in
+    `allowed_hosts` (when given: the Origin check trusts Host, and DNS rebinding forges it),
+    logs them, and adds security headers to every response."""
 
-    def __init__(self, app, events: SecurityEvents):
+    def __init__(self, app, events: SecurityEvents, allowed_hosts: tuple[str, ...] = ()):
         self.app, self.events = app, events
+        self.allowed_hosts = {h.lower() for h in allowed_hosts}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -259,6 +263,13 @@ class _PathGuard:
                 "\\" in path or "\x00" in decoded):
             await run_in_threadpool(self.events.record, "path_traversal", _client(scope), path)
             response = JSONResponse({"error": "path refused"}, status_code=400)
+            return await response(scope, receive, self._with_headers(send))
+        host = (_header(scope, b"host") or "").lower()
+        if self.allowed_hosts and host not in self.allowed_hosts:
+            await run_in_threadpool(self.events.record, "bad_host", _client(scope), path, None,
+                                    f"host {host!r}")
+            response = JSONResponse(
+                {"error": f"this server does not answer for host {host[:100]!r}"}, 400)
             return await response(scope, receive, self._with_headers(send))
         return await self.app(scope, receive, self._with_headers(send))
 
@@ -281,7 +292,8 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
     events = SecurityEvents(store, settings.security_events_per_second,
                             settings.security_events_burst)
     app.add_middleware(_BodyLimit, events=events, limit=settings.max_body_bytes)
-    app.add_middleware(_PathGuard, events=events)  # added last: outermost, headers on all replies
+    # Added last, so outermost: security headers on every reply.
+    app.add_middleware(_PathGuard, events=events, allowed_hosts=settings.allowed_hosts)
     listener_buckets = TokenBucket(settings.rate_per_second, settings.rate_burst)
     # Failed logins share a stricter bucket per client address: guessing tokens stays slow.
     failure_buckets = TokenBucket(max(settings.rate_per_second, 0.0) / 5, 10)
