@@ -22,8 +22,30 @@ import numpy as np
 
 from musicrl_jax import decoding, partitioning
 from musicrl_jax.errors import ConfigError
+from musicrl_jax.models import music_lm
 from musicrl_jax.training import trainer
 from musicrl_jax.training.trainer import eval_history
+
+
+def check_lm_reads_tempos(config, assets_dir: str) -> None:
+    """A beat-rope LM reads caption tempos through the vocabulary's tempo pieces and turns them
+    into rotations at the tokenizer's frame rate: both must match, or it learns a wrong clock."""
+    if not config.beat_rope_multiples:
+        return
+    from musicrl_jax.audio.tokenizer import load_tokenizer
+    from musicrl_jax.data import vocab
+    vocab_dir = os.path.join(assets_dir, "vocab")
+    if not vocab.caption_vocabulary_is_current(vocab_dir):
+        raise ConfigError(
+            f"MusicLMConfig.beat_rope_multiples is set but the caption vocabulary in {vocab_dir} "
+            "has no tempo pieces. Fix: rebuild it (prepare_music_data refits it) or set "
+            "MusicLMConfig.beat_rope_multiples = ().")
+    frame_rate = load_tokenizer(os.path.join(assets_dir, "tokenizer")).frame_rate
+    if abs(frame_rate - config.frames_per_second) > 1e-6:
+        raise ConfigError(
+            f"MusicLMConfig.frames_per_second={config.frames_per_second:g} but the audio "
+            f"tokenizer in {assets_dir} makes {frame_rate:g} frames/s. Fix: set "
+            f"MusicLMConfig.frames_per_second = {frame_rate:g}.")
 
 
 def _music_prompts(assets_dir: str, count: int, caption_length: int, vocab_limit: int,
@@ -270,6 +292,7 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
         print("== data: corpus, tokenizer, caption vocabulary, TFDS (cached) ==", flush=True)
         assets = prepare_data()
         register_tasks()
+        check_lm_reads_tempos(music_lm.MusicLMConfig(), assets)
 
     from musicrl_jax import raters
     train_raters, eval_raters = raters.split_raters(raters.RaterPanel.sample(num_raters, seed),

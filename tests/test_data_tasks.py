@@ -1,5 +1,8 @@
 """The data stage end to end on the `tiny` config, and the seqio tasks' error handling."""
 
+import dataclasses
+import os
+
 import numpy as np
 import pytest
 import seqio
@@ -106,3 +109,48 @@ def test_record_without_tokens_names_the_field(tmp_path):
 def test_unregistered_task_is_a_clear_error():
     with pytest.raises(ConfigError, match="not registered"):
         tasks._task_numpy("musicrl_no_such_task", "train", {"caption_tokens": 8}, False)
+
+
+def test_caption_vocabulary_gives_each_tempo_one_piece_the_lm_reads(tmp_path):
+    import io
+
+    import sentencepiece as spm
+
+    from musicrl_jax.models import music_lm
+    captions = [f"a slow chorale in C major at {bpm} BPM, 3/4 time" for bpm in range(50, 200, 7)]
+    vocab_dir = str(tmp_path / "vocab")
+    # A vocabulary from before the tempo pieces is refitted, not silently reused.
+    os.makedirs(vocab_dir)
+    old = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(captions * 5), model_writer=old,
+                                   vocab_size=60, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
+    with open(os.path.join(vocab_dir, vocab.VOCAB_FILE), "wb") as f:
+        f.write(old.getvalue())
+    assert not vocab.caption_vocabulary_is_current(vocab_dir)
+    vocab.train_caption_vocabulary(captions * 5, vocab_dir, vocab_size=40)
+    assert vocab.caption_vocabulary_is_current(vocab_dir)
+    vocabulary = vocab.load_caption_vocabulary(vocab_dir)
+    # Tempos the training captions never used (117, 240) are single pieces too.
+    for text, bpm in [("a chorale at 117 BPM", 117), ("a slow chorale in C major, 240 BPM", 240),
+                      ("a slow chorale in 3/4 time", 0)]:
+        ids = vocabulary.encode(text)
+        assert vocabulary.decode(ids) == text
+        np.testing.assert_array_equal(music_lm.caption_bpm(np.array([ids + [1]])), [bpm])
+
+
+def test_the_lm_reads_each_captions_tempo_from_the_built_data(tiny_data):
+    from musicrl_jax import pipeline
+    from musicrl_jax.models import music_lm
+    _, assets = tiny_data
+    prompts = tasks.prompts("validation", caption_length=64)
+    named = np.array(["BPM" in c for c in prompts["caption"]])
+    assert named.sum() >= len(named) // 2
+    np.testing.assert_array_equal(music_lm.caption_bpm(prompts["caption_tokens"])[named],
+                                  prompts["tempo_bpm"][named])
+    config = music_lm.MusicLMConfig(caption_vocab_size=512, head_dim=16,
+                                    beat_rope_multiples=(1.0,), frames_per_second=50.0)
+    pipeline.check_lm_reads_tempos(config, assets)  # the tiny tokenizer makes 50 frames/s
+    with pytest.raises(ConfigError, match="frames_per_second = 50"):
+        pipeline.check_lm_reads_tempos(dataclasses.replace(config, frames_per_second=25.0),
+                                       assets)

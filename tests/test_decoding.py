@@ -36,11 +36,16 @@ def test_sampler_logprobs_equal_teacher_forced_logprobs_in_bfloat16():
     assert gap.mean() < 0.15 and gap.max() < 0.5, gap
 
 
-@pytest.mark.parametrize("num_codebooks", [1, 3])
-def test_cached_decoding_equals_full_forward_at_every_step(tiny_config, num_codebooks):
+@pytest.mark.parametrize("num_codebooks,beat", [(1, False), (3, False), (2, True)])
+def test_cached_decoding_equals_full_forward_at_every_step(tiny_config, num_codebooks, beat):
     config = dataclasses.replace(tiny_config, num_codebooks=num_codebooks)
+    if beat:  # tempo-locked rotary dims, with a tempo piece (id 3 + bpm - 40) in the caption
+        config = dataclasses.replace(config, beat_rope_multiples=(0.5, 1.0, 2.0),
+                                     frames_per_second=25.0)
     params = partitioning.unbox(music_lm.init_params(config, jax.random.PRNGKey(1)))
     captions = _captions(config, 2)
+    if beat:
+        captions = captions.at[:, 1].set(jnp.array([music_lm.TEMPO_FIRST_ID + 80, 0]))
     codes = jax.random.randint(jax.random.PRNGKey(2), (2, config.max_frames, num_codebooks), 0,
                                config.codebook_size)
     delayed = music_lm.apply_delay(codes, config.special_token)

@@ -47,7 +47,8 @@ def exported(tmp_path_factory, tiny_params, tiny_tokenizer):
     root = tmp_path_factory.mktemp("export")
     assets = root / "assets"
     tiny_tokenizer.save(assets / "tokenizer")
-    vocab.train_caption_vocabulary(TRAINING_CAPTIONS * 20, str(assets / "vocab"), vocab_size=40)
+    vocab.train_caption_vocabulary(TRAINING_CAPTIONS * 20, str(assets / "vocab"), vocab_size=40,
+                                   tempo_pieces=False)  # TINY embeds 64 caption ids
     tx, _ = trainer.make_optimizer(total_steps=1)
     state = trainer.TrainState(step=jax.numpy.ones((), jax.numpy.int32), params=tiny_params,
                                opt_state=tx.init(tiny_params))

@@ -364,7 +364,8 @@ def test_make_batch_decodes_codes_encodes_wavs_and_tokenizes_captions(tmp_path, 
     tiny_tokenizer.save(str(tmp_path / "tokenizer"))
     captions = ["slow piano ballad", "fast drum groove"]
     (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
-    train_caption_vocabulary(captions * 20, str(tmp_path / "vocab"), vocab_size=40)
+    train_caption_vocabulary(captions * 20, str(tmp_path / "vocab"), vocab_size=40,
+                             tempo_pieces=False)  # the tiny LM embeds 64 caption ids
     np.savez(tmp_path / "base.npz", codes=np.random.default_rng(0).integers(0, 32, (2, 6, 2)))
     _write_wavs(tmp_path / "tuned", 2, 440)
     cli.main(["make-batch", "--out", str(tmp_path / "batch"), "--captions",

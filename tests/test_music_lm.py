@@ -95,3 +95,67 @@ def test_model_sizes_initialise_abstractly(size, low, high):
     assert low < count < high, f"{size}: {count / 1e6:.1f}M params"
     axes = jax.tree.leaves(shapes, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     assert all(isinstance(x, nn.LogicallyPartitioned) for x in axes), "unannotated parameter"
+
+
+BEAT = dict(beat_rope_multiples=(0.5, 1.0), frames_per_second=25.0)
+
+
+def test_beat_rope_turns_once_per_beat():
+    """150 BPM at 25 frames/s is 10 decoder steps per beat: the 1x pair comes back after 10
+    steps and is reversed after 5; the 0.5x pair needs 20; the plain dims are standard RoPE."""
+    from musicrl_jax.models.layers import beat_rope, rope
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 1, 1, 16))
+    x = jnp.broadcast_to(x, (1, 21, 1, 16))
+    positions = jnp.arange(21)
+    radians = 2 * jnp.pi * (150 / 60) / 25 * jnp.ones((1,))
+    out = np.asarray(beat_rope(x, positions, radians, (0.5, 1.0)))
+    # Pairs are (d, d + half) within the 4 beat dims: index 0/2 turns at 0.5x, 1/3 at 1x.
+    beat = out[0, :, 0, -4:]
+    np.testing.assert_allclose(beat[10][[1, 3]], beat[0][[1, 3]], atol=1e-5)
+    np.testing.assert_allclose(beat[5][[1, 3]], -beat[0][[1, 3]], atol=1e-5)
+    np.testing.assert_allclose(beat[20][[0, 2]], beat[0][[0, 2]], atol=1e-5)
+    np.testing.assert_allclose(beat[10][[0, 2]], -beat[0][[0, 2]], atol=1e-5)
+    np.testing.assert_allclose(out[..., :-4], rope(x[..., :-4], positions), atol=1e-6)
+    # No tempo in the caption: the beat dims are not rotated at all.
+    still = np.asarray(beat_rope(x, positions, jnp.zeros((1,)), (0.5, 1.0)))
+    np.testing.assert_allclose(still[0, :, 0, -4:], np.asarray(x)[0, :, 0, -4:], atol=1e-6)
+
+
+def test_caption_tempo_is_read_from_its_tempo_piece():
+    first = music_lm.TEMPO_FIRST_ID
+    captions = jnp.array([[300, first + 116 - 40, 301, 1, 0],  # "... 116 BPM"
+                          [300, 301, 302, 1, 0],  # no tempo
+                          [first, 300, first + 200, 1, 0]])  # 40, then 240: the last one
+    np.testing.assert_array_equal(music_lm.caption_bpm(captions), [116, 0, 240])
+    config = MusicLMConfig(caption_vocab_size=400, head_dim=16, **BEAT)
+    np.testing.assert_allclose(music_lm.beat_radians(config, captions[:1]),
+                               [2 * np.pi * 116 / 60 / 25], rtol=1e-6)
+
+
+def test_the_caption_tempo_changes_only_beat_rope_models(tiny_config):
+    """Two captions equal but for their tempo pieces' ids: with the tempo's embedding rows set
+    equal, only the beat-locked rotation can tell them apart."""
+    first = music_lm.TEMPO_FIRST_ID
+    captions = jnp.array([[60, first + 80, 1, 0], [60, first + 40, 1, 0]])
+    codes = jax.random.randint(jax.random.PRNGKey(2), (1, 12, 2), 0, 32)
+    inputs = music_lm.decoder_inputs(music_lm.apply_delay(codes, 32), 32)
+    for beat, differs in ((BEAT, True), ({}, False)):
+        config = dataclasses.replace(tiny_config, caption_vocab_size=400, **beat)
+        params = nn.meta.unbox(music_lm.init_params(config, jax.random.PRNGKey(1)))
+        table = params["caption_embed"]["embedding"]
+        params["caption_embed"]["embedding"] = table.at[first + 40].set(table[first + 80])
+        logits = MusicLM(config).apply({"params": params}, captions,
+                                       jnp.concatenate([inputs, inputs]))
+        gap = float(jnp.abs(logits[0] - logits[1]).max())
+        assert (gap > 1e-3) == differs, (beat, gap)
+
+
+def test_beat_rope_config_is_checked_and_round_trips_json():
+    with pytest.raises(ValueError, match="frames_per_second"):
+        MusicLMConfig(beat_rope_multiples=(1.0,))
+    with pytest.raises(ValueError, match="head_dim"):
+        MusicLMConfig(head_dim=8, beat_rope_multiples=(1.0, 2.0, 4.0, 8.0),
+                      frames_per_second=25.0)
+    # A config read back from checkpoint JSON holds a list; it must stay usable as a jit key.
+    restored = MusicLMConfig(head_dim=16, beat_rope_multiples=[0.5, 1], frames_per_second=25.0)
+    assert restored.beat_rope_multiples == (0.5, 1.0) and hash(restored)

@@ -166,4 +166,11 @@ def prepare_music_data(data_dir: str = gin.REQUIRED, config_name: str = "demo") 
     builder = MusicrlMusic(config=config_name, data_dir=data_dir)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    return assets_dir(data_dir, config_name)
+    assets = assets_dir(data_dir, config_name)
+    vocab_dir = os.path.join(assets, "vocab")
+    if not vocab_lib.caption_vocabulary_is_current(vocab_dir):
+        # Captions are tokenised when read, so a cached dataset only needs its vocabulary refitted.
+        train = builder.as_dataset(split="train").as_numpy_iterator()
+        vocab_lib.train_caption_vocabulary([r["caption"].decode() for r in train], vocab_dir,
+                                           vocab_size=builder.builder_config.caption_vocab_size)
+    return assets

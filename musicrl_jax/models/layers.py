@@ -44,14 +44,38 @@ class Embed(nn.Module):
         return jnp.take(table, tokens, axis=0).astype(self.dtype)
 
 
+def _rotate(x, angles):
+    """Rotates the pairs (x[..., i], x[..., half + i]) of x [..., head_dim] by angles [..., half]."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
 def rope(x, positions, max_wavelength: float = 10_000.0):
     """Rotary position embedding. x: [batch, length, heads, head_dim]; positions: [length]."""
     half = x.shape[-1] // 2
     inv_freq = max_wavelength ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [length, half]
-    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    return _rotate(x, angles[None, :, None, :])
+
+
+def beat_rope(x, positions, beat_radians, multiples: tuple[float, ...]):
+    """RoPE on the last 2 * len(multiples) dims of each head at the caption's beat frequency
+    times each multiple, standard RoPE on the rest. x: [batch, length, heads, head_dim];
+    positions: [length]; beat_radians: [batch] radians per step (0 = no tempo: no rotation).
+
+    Query-key products then carry cos(beat phase difference): "one beat ago" is a direction
+    attention can find at any tempo, which the LM cannot learn from the caption's digits alone.
+    """
+    if not multiples:
+        return rope(x, positions)
+    width = 2 * len(multiples)
+    plain, beat = x[..., :-width], x[..., -width:]
+    angles = (positions.astype(jnp.float32)[None, :, None]
+              * beat_radians.astype(jnp.float32)[:, None, None]
+              * jnp.asarray(multiples, jnp.float32)[None, None, :])  # [batch, length, pairs]
+    return jnp.concatenate([rope(plain, positions), _rotate(beat, angles[:, :, None, :])],
+                           axis=-1)
 
 
 class Attention(nn.Module):
@@ -68,6 +92,7 @@ class Attention(nn.Module):
     head_dim: int
     dtype: Dtype = jnp.float32
     cross: bool = False
+    beat_multiples: tuple[float, ...] = ()  # self-attention only; see `beat_rope`
 
     def _kernel(self, name, features):
         return param_with_axes(self, name, nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
@@ -93,21 +118,25 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, kv_input=None, mask=None, *, decode: bool = False,
-                 decode_length: int | None = None):
+                 decode_length: int | None = None, beat_radians=None):
         """x: [batch, q_len, embed]. mask: [batch, 1|heads, q_len, kv_len] booleans (True = attend).
+        beat_radians [batch]: the beat frequency `beat_rope` needs when `beat_multiples` is set.
 
         For decoding self-attention, q_len == 1 and the mask is derived from the cache index.
         """
         x = x.astype(self.dtype)
+        if self.beat_multiples and beat_radians is None:
+            raise ValueError("Attention with beat_multiples needs beat_radians.")
         if decode:
-            return self._decode(x, kv_input, mask, decode_length)
+            return self._decode(x, kv_input, mask, decode_length, beat_radians)
         query = self._project("query", x)
         if self.cross:
             key, value = self._project("key", kv_input), self._project("value", kv_input)
         else:
             key, value = self._project("key", x), self._project("value", x)
             positions = jnp.arange(x.shape[1])
-            query, key = rope(query, positions), rope(key, positions)
+            query, key = self._position(query, positions, beat_radians), self._position(
+                key, positions, beat_radians)
 
         weights = self._weights(jnp.einsum("bqhd,bkhd->bhqk", query, key,
                                            preferred_element_type=jnp.float32), mask)
@@ -118,6 +147,9 @@ class Attention(nn.Module):
                          preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "length", "embed"))
 
+    def _position(self, x, positions, beat_radians):
+        return beat_rope(x, positions, beat_radians, self.beat_multiples)
+
     def _weights(self, logits, mask):
         """Scaled, masked softmax over keys, computed in float32."""
         logits = logits.astype(jnp.float32) * self.head_dim ** -0.5
@@ -125,7 +157,7 @@ class Attention(nn.Module):
             logits = jnp.where(mask, logits, _MASKED)
         return jax.nn.softmax(logits, axis=-1).astype(self.dtype)
 
-    def _decode(self, x, kv_input, mask, decode_length):
+    def _decode(self, x, kv_input, mask, decode_length, beat_radians):
         """One decode step (or the cache-creating first step); x: [batch, 1, embed]."""
         batch, q_len, features = x.shape
         query = self._project("query", x)  # [batch, 1, heads, head_dim]
@@ -136,7 +168,8 @@ class Attention(nn.Module):
                                   kv_input).value
         else:
             query, key, value, mask = self._update_cache(
-                query, self._project("key", x), self._project("value", x), decode_length)
+                query, self._project("key", x), self._project("value", x), decode_length,
+                beat_radians)
         # q_len == 1, so [b, 1, h, d] -> [b, h, 1, d] only moves a unit axis (a bitcast).
         query = constrain(jnp.swapaxes(query, 1, 2), ("batch", "heads", "length", "kv"))
 
@@ -152,7 +185,7 @@ class Attention(nn.Module):
                          preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "length", "embed"))
 
-    def _update_cache(self, query, key, value, decode_length):
+    def _update_cache(self, query, key, value, decode_length, beat_radians):
         """query/key/value: [batch, 1, heads, head_dim] for the current position. Returns the
         RoPE'd query (same layout), the caches [batch, heads, max_length, head_dim] and the
         causal mask over cache slots."""
@@ -162,7 +195,8 @@ class Attention(nn.Module):
         cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, value.dtype)
         index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
         position = index.value
-        query, key = rope(query, position[None]), rope(key, position[None])
+        query = self._position(query, position[None], beat_radians)
+        key = self._position(key, position[None], beat_radians)
         # The single new position: [b, 1, h, d] -> [b, h, 1, d] (unit-axis move, a bitcast).
         key, value = jnp.swapaxes(key, 1, 2), jnp.swapaxes(value, 1, 2)
         cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, 0, position, 0))

@@ -24,6 +24,12 @@ _REMAT_POLICIES = {
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+# The caption vocabulary's contract with the model (data/vocab.py builds it): every whole number
+# of beats per minute in TEMPO_BPMS is one piece, with id TEMPO_FIRST_ID + (bpm - TEMPO_BPMS[0]),
+# so the model can read a caption's tempo as a number (`beat_radians`).
+TEMPO_BPMS = range(40, 241)
+TEMPO_FIRST_ID = 3  # after pad 0, eos 1, unk 2
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +47,23 @@ class MusicLMConfig:
     max_frames: int = 64
     dtype: str = "float32"
     remat: str = "none"  # none | full | dots
+    # Tempo-locked rotary dims in decoder self-attention (`layers.beat_rope`): rotation rates as
+    # multiples of the caption's beat (e.g. (0.5, 1, 2, 4)); () = off. frames_per_second is the
+    # audio tokenizer's frame rate, which turns BPM into radians per decoder step.
+    beat_rope_multiples: tuple = ()
+    frames_per_second: float = 0.0
 
     def __post_init__(self):
+        # A config read back from JSON holds a list; jit needs the hashable tuple.
+        object.__setattr__(self, "beat_rope_multiples",
+                           tuple(float(m) for m in self.beat_rope_multiples))
+        if self.beat_rope_multiples:
+            if self.frames_per_second <= 0:
+                raise ValueError("MusicLMConfig.beat_rope_multiples needs frames_per_second > 0 "
+                                 "(the audio tokenizer's frame rate).")
+            if 2 * len(self.beat_rope_multiples) >= self.head_dim or self.head_dim % 2:
+                raise ValueError(f"MusicLMConfig.beat_rope_multiples: {len(self.beat_rope_multiples)} "
+                                 f"pairs do not fit head_dim={self.head_dim} beside plain RoPE.")
         if self.dtype not in _DTYPES:
             raise ValueError(f"MusicLMConfig.dtype={self.dtype!r}; expected one of {list(_DTYPES)}")
         if self.remat not in ("none", *_REMAT_POLICIES):
@@ -101,6 +122,21 @@ def caption_mask(caption_tokens):
     return caption_tokens > 0
 
 
+def caption_bpm(caption_tokens):
+    """[batch] the tempo a caption names (its last tempo piece), 0 where it names none."""
+    offsets = caption_tokens - TEMPO_FIRST_ID
+    is_tempo = (offsets >= 0) & (offsets < len(TEMPO_BPMS))
+    last = jnp.max(jnp.where(is_tempo, jnp.arange(caption_tokens.shape[-1]), -1), axis=-1)
+    bpm = TEMPO_BPMS[0] + jnp.take_along_axis(offsets, jnp.maximum(last, 0)[:, None], -1)[:, 0]
+    return jnp.where(last >= 0, bpm, 0)
+
+
+def beat_radians(config: MusicLMConfig, caption_tokens):
+    """[batch] the caption's beat in radians per decoder step (0 where it names no tempo)."""
+    beats_per_second = caption_bpm(caption_tokens).astype(jnp.float32) / 60.0
+    return 2 * jnp.pi * beats_per_second / config.frames_per_second
+
+
 class EncoderLayer(nn.Module):
     config: MusicLMConfig
 
@@ -118,16 +154,17 @@ class DecoderLayer(nn.Module):
     config: MusicLMConfig
 
     @nn.compact
-    def __call__(self, x, encoded, cross_mask, decode: bool = False):
+    def __call__(self, x, encoded, cross_mask, decode: bool = False, beat=None):
         cfg = self.config
         dtype = cfg.compute_dtype
         self_mask = None
         if not decode:
             length = x.shape[1]
             self_mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
-        x = x + Attention(cfg.num_heads, cfg.head_dim, dtype, name="self_attention")(
+        x = x + Attention(cfg.num_heads, cfg.head_dim, dtype,
+                          beat_multiples=tuple(cfg.beat_rope_multiples), name="self_attention")(
             RMSNorm(dtype=dtype, name="pre_self_attention_norm")(x), mask=self_mask,
-            decode=decode, decode_length=cfg.decode_length)
+            decode=decode, decode_length=cfg.decode_length, beat_radians=beat)
         x = x + Attention(cfg.num_heads, cfg.head_dim, dtype, cross=True, name="cross_attention")(
             RMSNorm(dtype=dtype, name="pre_cross_attention_norm")(x), encoded, mask=cross_mask,
             decode=decode)
@@ -180,8 +217,9 @@ class MusicLM(nn.Module):
         # The residual stream stays float32 (layers take bf16 matmul inputs and accumulate in
         # f32), so the cached sampler and the teacher-forced pass round alike.
         x = constrain(x.astype(jnp.float32), ("batch", "length", "embed"))
+        beat = beat_radians(cfg, caption_tokens) if cfg.beat_rope_multiples else None
         for layer in self.decoder_layers:
-            x = layer(x, encoded, cross_mask, decode)
+            x = layer(x, encoded, cross_mask, decode, beat)
         x = self.decoder_norm(x)
         # f32 accumulation and output: bf16-rounded logits would make the sampler's and the
         # teacher-forced log-probs disagree by tenths of a nat per sequence (RL's ratios).
