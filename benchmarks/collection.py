@@ -56,7 +56,8 @@ def demo_lm_config(tokenizer, frames: int) -> music_lm.MusicLMConfig:
     gin.parse_config_files_and_bindings(
         ["models/demo.gin"],
         [f"CODEBOOK_SIZE = {tokenizer.codebook_size}", f"NUM_CODEBOOKS = {tokenizer.num_codebooks}",
-         f"MAX_FRAMES = {frames}", "CAPTION_VOCAB_SIZE = 512", "CAPTION_LENGTH = 64"])
+         f"MAX_FRAMES = {frames}", "CAPTION_VOCAB_SIZE = 768", "CAPTION_LENGTH = 64",
+         f"MusicLMConfig.frames_per_second = {tokenizer.frame_rate}"])
     return music_lm.MusicLMConfig()
 
 

@@ -46,9 +46,9 @@ def _shard_path(out_dir: str, kind: str, index: int) -> str:
     return os.path.join(out_dir, f"{kind}-{index:05d}.jsonl")
 
 
-def _sample_audio(config, params, tokenizer, caption_tokens, rng, num_frames, sampling, mesh):
+def _sample_audio(config, params, tokenizer, caption_tokens, rngs, num_frames, sampling, mesh):
+    """Codes and waveforms for `caption_tokens` [n, length] with per-example `rngs` [n]."""
     size = len(caption_tokens)
-    rngs = decoding.example_rngs(rng, size)
     if mesh is not None:  # split the batch over the mesh's batch axes, beside sharded params
         pad = -size % partitioning.batch_divisor(mesh)  # a short last batch repeats a row
         caption_tokens = np.concatenate([caption_tokens, np.repeat(caption_tokens[:1], pad, 0)])
@@ -88,9 +88,16 @@ def collect(kind: str, out_dir: str, *, lm_config, params, tokenizer, panel: rat
         captions = np.asarray(prompts.caption_tokens)[chosen]
         metas = [prompts.metas[i] for i in chosen]
         key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
-        codes_a, audio_a = _sample_audio(lm_config, params, tokenizer, captions,
-                                         jax.random.fold_in(key, 0), num_frames, sampling, mesh)
-        attrs_a = features.batch_attributes(audio_a, tokenizer.sample_rate, metas)
+        # A pair's two clips come from one sampling and one decoding call (bigger batches cost
+        # less per clip); per-example keys make each clip what it would be on its own.
+        copies = 1 if kind == "ratings" else 2
+        rngs = jax.numpy.concatenate([decoding.example_rngs(jax.random.fold_in(key, c), size)
+                                      for c in range(copies)])
+        codes, audio = _sample_audio(lm_config, params, tokenizer,
+                                     np.concatenate([captions] * copies), rngs, num_frames,
+                                     sampling, mesh)
+        attrs = features.batch_attributes(audio, tokenizer.sample_rate, metas * copies)
+        codes_a, attrs_a = codes[:size], attrs[:size]
         records = []
         if kind == "ratings":
             for i, c in enumerate(chosen):
@@ -100,10 +107,7 @@ def collect(kind: str, out_dir: str, *, lm_config, params, tokenizer, panel: rat
                     "caption_tokens": _unpadded(captions[i]), "audio_codes": codes_a[i],
                     "rating": raters.rate(rater, attrs_a[i], rng), "rater_id": rater.rater_id})
         else:
-            codes_b, audio_b = _sample_audio(lm_config, params, tokenizer, captions,
-                                             jax.random.fold_in(key, 1), num_frames, sampling,
-                                             mesh)
-            attrs_b = features.batch_attributes(audio_b, tokenizer.sample_rate, metas)
+            codes_b, attrs_b = codes[size:], attrs[size:]
             for i, c in enumerate(chosen):
                 rater = panel.raters[rng.integers(len(panel))]
                 value = raters.choice_value(raters.compare(rater, attrs_a[i], attrs_b[i], rng))

@@ -60,25 +60,43 @@ def test_mismatched_prompts_are_a_clear_error(setup):
         dataclasses.replace(prompts, captions=["a"])
 
 
-def test_a_crash_mid_job_loses_only_the_batch_in_flight(setup, tmp_path, monkeypatch):
+def test_a_crash_inside_a_shard_write_loses_only_that_batch(setup, tmp_path, monkeypatch):
+    """Killed while batch 1's shard is half written: no shard 1 appears (the half file is a
+    .tmp the readers ignore), and the resumed job recomputes batches 1 and 2 only, giving the
+    uninterrupted job's shards byte for byte."""
+    import json
+    import types
     reference = str(tmp_path / "reference")
     collection.collect("preferences", reference, num_items=12, **setup)
     out = str(tmp_path / "crashed")
-    calls = {"n": 0}
-    real = collection.features.batch_attributes
+    written = {"batch 1": 0}
 
-    def crash_on_the_third_call(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # batch 1, between its two clips' measurements
-            raise KeyboardInterrupt("simulated kill")
-        return real(*args, **kwargs)
+    def dumps_then_die(record, *args, **kwargs):
+        if str(record.get("pair_id", "")).startswith("preferences-00001"):
+            written["batch 1"] += 1
+            if written["batch 1"] == 2:  # after one of batch 1's records reached the file
+                raise KeyboardInterrupt("simulated kill inside the write")
+        return json.dumps(record, *args, **kwargs)
 
-    monkeypatch.setattr(collection.features, "batch_attributes", crash_on_the_third_call)
+    monkeypatch.setattr(feedback, "json", types.SimpleNamespace(dumps=dumps_then_die))
     with pytest.raises(KeyboardInterrupt):
         collection.collect("preferences", out, num_items=12, **setup)
-    assert sorted(os.listdir(out)) == ["preferences-00000.jsonl"]  # nothing partial left
-    monkeypatch.setattr(collection.features, "batch_attributes", real)
+    assert sorted(os.listdir(out)) == ["preferences-00000.jsonl", "preferences-00001.jsonl.tmp"]
+    with open(os.path.join(out, "preferences-00001.jsonl.tmp")) as half:
+        assert half.read().count("\n") == 1  # the kill really was mid-file
+    monkeypatch.setattr(feedback, "json", json)
+    sampled = []
+    real_sample = collection._sample_audio
+
+    def counting_sample(*args, **kwargs):
+        sampled.append(len(args[3]))
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(collection, "_sample_audio", counting_sample)
     collection.collect("preferences", out, num_items=12, **setup)
+    assert len(sampled) == 2  # batches 1 and 2; the finished shard 0 is not recomputed
+    assert len(feedback.read_records(out, "preferences")) == len(
+        feedback.read_records(reference, "preferences"))
     for shard in sorted(os.listdir(reference)):
         with open(os.path.join(reference, shard)) as a, open(os.path.join(out, shard)) as b:
             assert a.read() == b.read()

@@ -543,7 +543,9 @@ class MelRVQTokenizer(AudioTokenizer):
         log(mel + log_floor)); levels well below it are flattened, so it sets
         how far down the quantiser spends precision. Decode subtracts it
         again, so silence decodes to silence.
-      griffin_lim_iters: phase-reconstruction iterations in decode.
+      griffin_lim_iters: phase-reconstruction iterations in decode (fast Griffin-Lim). 16
+        instead of 32 moves the rater panel's attributes of 64 round-tripped validation clips
+        by 0.007 on average (at most 0.026, tempo_match) in 0.7x the decode time.
       mel_inversion: how decode maps mel power back to STFT power:
         'multiplicative' (non-negative least squares by multiplicative
         updates, jit-compiled) or 'librosa_nnls' (librosa's mel_to_stft, the
@@ -574,7 +576,7 @@ class MelRVQTokenizer(AudioTokenizer):
                  hop_length: int = 320, n_mels: int = 80, fmin: float = 0.0,
                  fmax: float | None = None, num_codebooks: int = 4,
                  codebook_size: int = 256, normalize: str = "global",
-                 log_floor: float = 1e-4, griffin_lim_iters: int = 32,
+                 log_floor: float = 1e-4, griffin_lim_iters: int = 16,
                  mel_inversion: str = "multiplicative",
                  mel_inversion_iters: int = 100,
                  kmeans_max_iters: int = 50, kmeans_tolerance: float = 1e-4,
