@@ -128,6 +128,30 @@ def test_classifier_free_guidance_changes_distribution(tiny_config, tiny_params)
     np.testing.assert_array_equal(uncond["codes"], empty["codes"])
 
 
+def test_guided_sampling_follows_the_guidance_formula_at_weight_3(tiny_config, tiny_params):
+    """The sampler's log-probs at weight 3 are those of log_softmax(u + 3 (c - u)), with c and u
+    the teacher-forced logits given the caption and given the empty caption."""
+    captions = _captions(tiny_config)
+    rngs = decoding.example_rngs(jax.random.PRNGKey(6), 4)
+    guided = decoding.sample(tiny_config, tiny_params, captions, rngs, num_frames=12,
+                             sampling=SamplingConfig(guidance_weight=3.0))
+    codes = guided["codes"]
+    cond = decoding.cached_logits(tiny_config, tiny_params, captions, codes)
+    uncond = decoding.cached_logits(tiny_config, tiny_params,
+                                    decoding.empty_captions_like(captions), codes)
+    log_probs = jax.nn.log_softmax(uncond + 3.0 * (cond - uncond))
+    delayed = music_lm.apply_delay(codes, tiny_config.special_token)
+    mask = music_lm.delay_mask(12, tiny_config.num_codebooks)[None]
+    picked = jnp.take_along_axis(log_probs, jnp.where(mask, delayed, 0)[..., None], -1)[..., 0]
+    expected = jnp.where(mask, picked, 0.0).sum(axis=(1, 2))
+    np.testing.assert_allclose(guided["sample_logprobs"], expected, rtol=1e-4, atol=1e-3)
+    # Weight 3 is not weight 1: the guided and conditional log-probs of these codes differ.
+    plain = jax.nn.log_softmax(cond)
+    plain = jnp.where(mask, jnp.take_along_axis(plain, jnp.where(mask, delayed, 0)[..., None],
+                                                -1)[..., 0], 0.0).sum(axis=(1, 2))
+    assert float(jnp.abs(plain - expected).max()) > 0.1
+
+
 def test_sharded_sampling_matches_unsharded(tiny_config, tiny_params):
     mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
     shardings = partitioning.tree_shardings(
