@@ -12,6 +12,8 @@ from musicrl_jax import collection, decoding, evaluation, raters
 from musicrl_jax.errors import ConfigError
 from musicrl_jax.evaluation import ModelUnderTest
 
+import lm_by_hand  # tests/lm_by_hand.py
+
 NUM_CAPTIONS = 24
 
 
@@ -86,36 +88,89 @@ def test_report_files_list_win_rates_with_cis(evaluated):
     assert loaded["models"] == result["models"]
 
 
-def test_win_rate_matrix_is_complementary_with_cis(evaluated):
-    _, result = evaluated
-    w = np.array(result["win_rate"])
+Z95 = 1.959963984540054  # the normal's 97.5% quantile
+
+
+def _recount_win_rates(result, eval_panel):
+    """Every cell of the matrix, its counts and its Wilson interval, recounted from the
+    judgement records (choice 0 = a won, 1 = b won, 0.5 = tie, None = skip) with the interval
+    written out here: a transposed matrix, a misrecorded choice or a tie counted as a win fails."""
+    names, w = result["models"], np.array(result["win_rate"])
     low, high = np.array(result["win_rate_low"]), np.array(result["win_rate_high"])
-    n = len(result["models"])
-    assert w.shape == (n, n) and np.all(np.isnan(np.diag(w)))
-    off = ~np.eye(n, dtype=bool)
-    np.testing.assert_allclose((w + w.T)[off], 1.0, atol=1e-12)
-    assert np.all((low[off] <= w[off]) & (w[off] <= high[off]))
-    np.testing.assert_allclose((low + high.T)[off], 1.0, atol=1e-9)  # Wilson is symmetric
-    for key, wr in result["win_rates"].items():
-        a, b = key.split("|")
-        other = result["win_rates"][f"{b}|{a}"]
-        assert (wr["wins"], wr["ties"], wr["losses"]) == (
-            other["losses"], other["ties"], other["wins"])
-        assert wr["wins"] + wr["ties"] + wr["losses"] + wr["skips"] == NUM_CAPTIONS
-    assert len(result["judgements"]) == 6 * NUM_CAPTIONS
+    assert w.shape == (len(names),) * 2 and np.all(np.isnan(np.diag(w)))
+    by_pair = {}
+    for record in result["judgements"]:
+        by_pair.setdefault((record["a"], record["b"]), []).append(record)
+    pairs = len(names) * (len(names) - 1) // 2  # each unordered pair judged once per caption
+    assert len(by_pair) == pairs and len(result["judgements"]) == pairs * NUM_CAPTIONS
+    panel_ids = set(eval_panel.rater_ids)
+    decisive = 0
+    for (a, b), records in by_pair.items():
+        assert sorted(r["caption_index"] for r in records) == list(range(NUM_CAPTIONS))
+        assert {r["rater_id"] for r in records} <= panel_ids  # held-out raters only
+        values = [r["choice"] for r in records]
+        wins, losses, ties = values.count(0.0), values.count(1.0), values.count(0.5)
+        skips = values.count(None)
+        assert wins + losses + ties + skips == NUM_CAPTIONS
+        decisive += wins + losses
+        n = wins + losses + ties
+        for x, y, won, lost in ((a, b, wins, losses), (b, a, losses, wins)):
+            stored = result["win_rates"][f"{x}|{y}"]
+            assert (stored["wins"], stored["ties"], stored["losses"], stored["skips"]) == (
+                won, ties, lost, skips), (x, y)
+            p = (won + ties / 2) / n
+            # Wilson: the p the score test |p_hat - p| <= z sqrt(p (1 - p) / n) accepts.
+            roots = np.sort(np.roots([1 + Z95 ** 2 / n, -(2 * p + Z95 ** 2 / n), p ** 2]).real)
+            i, j = names.index(x), names.index(y)
+            assert w[i, j] == pytest.approx(p, abs=1e-12), (x, y)
+            assert (low[i, j], high[i, j]) == pytest.approx(tuple(np.clip(roots, 0, 1)),
+                                                             abs=1e-9), (x, y)
+    assert decisive > 0  # the recount saw real choices, not only skips
 
 
-def test_kl_is_zero_for_the_reference_and_positive_when_perturbed(evaluated):
+def test_win_rate_matrix_is_recomputed_from_the_stored_judgements(evaluated, setup):
+    _recount_win_rates(evaluated[1], setup["eval_panel"])
+
+
+def test_kl_is_recomputed_by_hand_from_each_models_own_samples(evaluated, setup):
+    """KL(pi || pi_ref) of the perturbed model and KL(q || pi_ref) of the reference sampled at
+    temperature 0.7, recomputed from the models' samples (the same per-caption keys) with
+    teacher-forced log-probs done by hand (tests/lm_by_hand.py): mean and standard error over
+    the captions. The reference's own kl is 0 by construction, so it is not checked."""
     _, result = evaluated
-    assert result["kl"]["pretrained"] == 0.0
-    assert result["kl"]["pretrained+noise"] == 0.0  # same LM; the noise is added after decoding
+    config, ref_params = setup["tiny_config"], setup["tiny_params"]
+    captions = np.asarray(setup["prompts"].caption_tokens)[:NUM_CAPTIONS]
+    keys = decoding.example_rngs(jax.random.PRNGKey(0), NUM_CAPTIONS)  # evaluate_models' seed
+
+    def samples(model):
+        return np.asarray(decoding.sample(config, model.params, captions, keys,
+                                          num_frames=config.max_frames,
+                                          sampling=model.sampling)["codes"])
+
+    def mean_se(terms):
+        return terms.mean(), terms.std(ddof=1) / np.sqrt(len(terms))
+
+    perturbed = setup["perturbed"]
+    codes = samples(perturbed)
+    terms = (lm_by_hand.sequence_logprobs(config, perturbed.params, captions, codes)
+             - lm_by_hand.sequence_logprobs(config, ref_params, captions, codes))
+    kl, se = mean_se(terms)
+    assert kl > 3 * se > 0, (kl, se)  # the perturbation moved pi measurably
+    assert result["kl"]["perturbed"] == pytest.approx(kl, rel=1e-4, abs=1e-4)
+    assert result["kl_stderr"]["perturbed"] == pytest.approx(se, rel=1e-3, abs=1e-4)
+    # log q of the temperature-0.7 samples is log_softmax(logits / 0.7) of their tokens.
+    codes = samples(setup["cool"])
+    terms = (lm_by_hand.sequence_logprobs(config, ref_params, captions, codes, temperature=0.7)
+             - lm_by_hand.sequence_logprobs(config, ref_params, captions, codes))
+    kl, se = mean_se(terms)
+    assert kl > 3 * se > 0, (kl, se)
+    assert result["kl_sampling"]["pretrained@T0.7"] == pytest.approx(kl, rel=1e-4, abs=1e-4)
+    assert result["kl_sampling_stderr"]["pretrained@T0.7"] == pytest.approx(se, rel=1e-3,
+                                                                            abs=1e-4)
+    # Sampling settings and audio transforms are not part of pi: these share the reference's
+    # parameters, and their log-probs are computed apart from the reference's.
+    assert result["kl"]["pretrained@T0.7"] == result["kl"]["pretrained+noise"] == 0.0
     assert result["kl_sampling"]["pretrained"] == pytest.approx(0.0, abs=1e-3)
-    assert result["kl"]["perturbed"] > 3 * result["kl_stderr"]["perturbed"] > 0
-    # Sampling settings are not part of pi: the same LM at temperature 0.7 has KL 0 to it,
-    # but its sampling distribution q has KL(q || pi_ref) > 0.
-    assert result["kl"]["pretrained@T0.7"] == 0.0
-    assert result["kl_sampling"]["pretrained@T0.7"] > 3 * result["kl_sampling_stderr"][
-        "pretrained@T0.7"] > 0
 
 
 def test_panel_prefers_a_model_over_its_noise_corrupted_self(evaluated):
@@ -202,18 +257,11 @@ def with_references(setup, tmp_path_factory):
     return out, result
 
 
-def test_references_are_judged_like_models_and_listed_first(with_references):
+def test_references_are_judged_like_models_and_listed_first(with_references, setup):
     out, result = with_references
     assert result["models"] == ["original", "tokenized", "pretrained", "perturbed"]
     assert result["references"] == ["original", "tokenized"]
-    w = np.array(result["win_rate"])
-    off = ~np.eye(4, dtype=bool)
-    assert w.shape == (4, 4) and np.all(np.isfinite(w[off]))
-    np.testing.assert_allclose((w + w.T)[off], 1.0, atol=1e-12)
-    names = result["models"]
-    for a, b in zip(*np.nonzero(off)):  # rows and columns follow the table order
-        assert w[a, b] == result["win_rates"][f"{names[a]}|{names[b]}"]["rate"]
-    assert len(result["judgements"]) == 6 * NUM_CAPTIONS
+    _recount_win_rates(result, setup["eval_panel"])  # rows and columns in the table order
     for name in ("original", "tokenized"):
         assert np.isnan(result["kl"][name]) and np.isnan(result["kl_sampling"][name])
         mean, se = result["rewards"][name]["code_mean"]
