@@ -223,10 +223,12 @@ def rl_stages(run_dir: str, assets_dir: str, lm_config, reward_tasks: dict,
 
 
 def serve_stage(run_dir: str, assets_dir: str, lm_config, policy_name: str, policy_params,
-                captions: list[str], seed: int) -> dict:
+                captions: list[str], seed: int,
+                sampling: decoding.SamplingConfig = decoding.SamplingConfig()) -> dict:
     """Exports a policy checkpoint for serving and generates from the artifact in fresh
-    processes (`python -m musicrl_jax.export` / `generate`, as a user would), then checks that
-    the artifact's codes equal `decoding.sample` from the checkpoint's params with that seed."""
+    processes (`python -m musicrl_jax.export` / `generate`, as a user would, with `sampling`),
+    then checks that the artifact's codes equal `decoding.sample` from the checkpoint's params
+    with that seed; a difference stops the run (a served model that is not the trained one)."""
     import shutil
     import subprocess
     import sys
@@ -239,23 +241,41 @@ def serve_stage(run_dir: str, assets_dir: str, lm_config, policy_name: str, poli
         f.write("\n".join(captions) + "\n")
     for command in (
             ["-m", "musicrl_jax.export", "--checkpoint_dir", os.path.join(run_dir, policy_name),
-             "--assets_dir", assets_dir, "--out", artifact, "--batch_size", str(len(captions))],
+             "--assets_dir", assets_dir, "--out", artifact, "--batch_size", str(len(captions)),
+             "--top_k", str(sampling.top_k)],
             ["-m", "musicrl_jax.generate", "--artifact", artifact, "--captions_file",
-             captions_file, "--out_dir", generated, "--seed", str(seed)]):
+             captions_file, "--out_dir", generated, "--seed", str(seed),
+             "--temperature", repr(sampling.temperature),
+             "--guidance", repr(sampling.guidance_weight)]):
         done = subprocess.run([sys.executable, *command], capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"`python {' '.join(command)}` failed (exit {done.returncode}):\n"
                                f"{done.stderr[-3000:]}")
-    served = np.load(os.path.join(generated, "codes.npz"))
-    tokens = served["caption_tokens"]
-    expected = decoding.sample(lm_config, policy_params, tokens,
-                               decoding.example_rngs(jax.random.PRNGKey(seed), len(tokens)),
-                               num_frames=served["codes"].shape[1])["codes"]
+    num_captions = check_served_codes(generated, lm_config, policy_params, seed, sampling,
+                                      f"{policy_name}'s checkpoint params")
     size = sum(os.path.getsize(os.path.join(root, name))
                for root, _, names in os.walk(artifact) for name in names)
     return {"artifact": artifact, "generated": generated, "bytes": size,
-            "identical": bool(np.array_equal(np.asarray(expected), served["codes"])),
-            "num_captions": len(tokens)}
+            "num_captions": num_captions}
+
+
+def check_served_codes(generated_dir: str, lm_config, policy_params, seed: int,
+                       sampling: decoding.SamplingConfig, what: str) -> int:
+    """Raises unless the codes `generate` wrote to `generated_dir` equal `decoding.sample` from
+    `policy_params` (described by `what`) with the same seed and sampling; returns the number of
+    captions compared."""
+    served = np.load(os.path.join(generated_dir, "codes.npz"))
+    tokens = served["caption_tokens"]
+    expected = decoding.sample(lm_config, policy_params, tokens,
+                               decoding.example_rngs(jax.random.PRNGKey(seed), len(tokens)),
+                               num_frames=served["codes"].shape[1], sampling=sampling)["codes"]
+    differing = int((np.asarray(expected) != served["codes"]).any(axis=(1, 2)).sum())
+    if differing:
+        raise RuntimeError(
+            f"The codes served in {generated_dir} differ from decoding.sample with {what} for "
+            f"{differing} of {len(tokens)} captions (seed {seed}, {sampling}): the export does "
+            "not serve the trained model.")
+    return len(tokens)
 
 
 RL_DISPLAY_NAMES = {"musicrl_r": "MusicRL-R", "musicrl_u": "MusicRL-U",
@@ -502,7 +522,7 @@ def demo(run_dir: str = gin.REQUIRED, pretrain_task: Callable = gin.REQUIRED,
             f"- `python -m musicrl_jax.generate` in a fresh process, {serving['num_captions']} "
             f"captions -> `{os.path.relpath(serving['generated'], run_dir)}/`; codes identical "
             f"to sampling from the checkpoint with the same seed: "
-            f"**{'yes' if serving['identical'] else 'NO'}**", ""]
+            "**yes**", ""]
     report += [
         "## Samples from the pretrained LM", "",
         f"{len(captions)} held-out captions x {frames} frames x {config.num_codebooks} codebooks "
