@@ -32,7 +32,7 @@ def _losses(run_dir):
     return {row["step"]: row["loss"] for row in read_metrics(run_dir) if "loss" in row}
 
 
-def test_sigkill_then_restart_continues_with_identical_losses(tmp_path):
+def test_sigkill_or_sigterm_then_restart_continues_with_identical_losses(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
     subprocess.run(_command(reference), cwd=REPO, env=env, check=True, capture_output=True)
@@ -58,6 +58,27 @@ def test_sigkill_then_restart_continues_with_identical_losses(tmp_path):
     np.testing.assert_allclose([resumed[s] for s in range(1, 41)],
                                [expected[s] for s in range(1, 41)], rtol=1e-6)
     assert os.path.exists(os.path.join(interrupted, "config.gin"))
+
+    # SIGTERM (a scheduler's preemption notice): the loop saves the step it is at and exits 0.
+    preempted = str(tmp_path / "preempted")
+    process = subprocess.Popen(_command(preempted), cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if max(_losses(preempted), default=0) >= 13:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "run finished before it could be preempted"
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 0
+    stopped_at = max(_losses(preempted))
+    assert 13 <= stopped_at < 40
+    assert Checkpointer(os.path.join(preempted, "checkpoints")).latest_step() == stopped_at
+    subprocess.run(_command(preempted), cwd=REPO, env=env, check=True, capture_output=True)
+    resumed = _losses(preempted)
+    assert sorted(resumed) == list(range(1, 41))
+    np.testing.assert_allclose([resumed[s] for s in range(1, 41)],
+                               [expected[s] for s in range(1, 41)], rtol=1e-6)
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
