@@ -94,7 +94,8 @@ Z95 = 1.959963984540054  # the normal's 97.5% quantile
 def _recount_win_rates(result, eval_panel):
     """Every cell of the matrix, its counts and its Wilson interval, recounted from the
     judgement records (choice 0 = a won, 1 = b won, 0.5 = tie, None = skip) with the interval
-    written out here: a transposed matrix, a misrecorded choice or a tie counted as a win fails."""
+    written out here: a transposed matrix, a misrecorded choice or a tie counted as a win fails.
+    Returns how many decisive judgements the recount saw."""
     names, w = result["models"], np.array(result["win_rate"])
     low, high = np.array(result["win_rate_low"]), np.array(result["win_rate_high"])
     assert w.shape == (len(names),) * 2 and np.all(np.isnan(np.diag(w)))
@@ -125,11 +126,12 @@ def _recount_win_rates(result, eval_panel):
             assert w[i, j] == pytest.approx(p, abs=1e-12), (x, y)
             assert (low[i, j], high[i, j]) == pytest.approx(tuple(np.clip(roots, 0, 1)),
                                                              abs=1e-9), (x, y)
-    assert decisive > 0  # the recount saw real choices, not only skips
+    return decisive
 
 
 def test_win_rate_matrix_is_recomputed_from_the_stored_judgements(evaluated, setup):
-    _recount_win_rates(evaluated[1], setup["eval_panel"])
+    decisive = _recount_win_rates(evaluated[1], setup["eval_panel"])
+    assert decisive > 0  # the recount saw real choices, not only skips
 
 
 def test_kl_is_recomputed_by_hand_from_each_models_own_samples(evaluated, setup):
@@ -261,7 +263,7 @@ def test_references_are_judged_like_models_and_listed_first(with_references, set
     out, result = with_references
     assert result["models"] == ["original", "tokenized", "pretrained", "perturbed"]
     assert result["references"] == ["original", "tokenized"]
-    _recount_win_rates(result, setup["eval_panel"])  # rows and columns in the table order
+    assert _recount_win_rates(result, setup["eval_panel"]) > 0  # rows, columns in table order
     for name in ("original", "tokenized"):
         assert np.isnan(result["kl"][name]) and np.isnan(result["kl_sampling"][name])
         mean, se = result["rewards"][name]["code_mean"]
