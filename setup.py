@@ -30,6 +30,7 @@ setup(
         "numpy==2.4.6",
         "absl-py==2.5.1",
         "tqdm==4.70.1",
+        "threadpoolctl==3.8.0",
         # The listening web page (musicrl_jax/listening) and its browser/load tests.
         "fastapi==0.165.0",
         "uvicorn==0.54.0",

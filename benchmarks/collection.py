@@ -1,16 +1,20 @@
 """Benchmark of feedback collection: judged clips per second, and where the time goes.
 
 Runs the real `collection.collect` (preferences: two clips per caption, sampled by the LM,
-decoded to audio by the tokenizer, measured and judged by the simulated panel) with the demo's
-LM size (random weights: the cost does not depend on them) and the demo's fitted tokenizer, and
-times its parts on one batch:
+decoded by the tokenizer, measured and judged by the simulated panel) with the demo's fitted
+tokenizer and an LM of the demo's size: a pretrained one (--lm_dir, e.g. runs/demo/pretrain),
+or random weights. A trained LM repeats frames, which decoding inverts once per batch, so it
+collects faster than random weights. For each listener it times its parts on one batch:
 
-  sample     jit(decoding.sample) of the batch's clips (KV cache)
-  decode     tokenizer.decode: codes -> log-mel -> STFT magnitude (mel inversion, NNLS) ->
-             Griffin-Lim waveform
-  judge      features.batch_attributes + the raters' choices
+  sample      jit(decoding.sample) of the batch's clips (KV cache)
+  magnitude   tokenizer.decode_magnitude: codes -> log-mel -> STFT magnitude (mel inversion)
+  griffin-lim the rest of tokenizer.decode: phase reconstruction -> waveform
+  judge       features.measure_magnitude (spectrum) or features.measure (waveform) + scoring
 
-judged clips/s = clips judged by `collect` / its wall time after a warm-up batch.
+judged clips/s = clips judged by `collect` / its wall time after a warm-up batch. The
+spectrum listener judges on a worker thread while the next batch samples. With the demo
+corpus present, it also prints how often the panel's expected preference between two
+tokenized corpus clips is the same for both listeners, and for two Griffin-Lim seeds.
 
 Usage (after `make demo` or the data build, which fit the tokenizer):
   python benchmarks/collection.py
@@ -20,6 +24,7 @@ Usage (after `make demo` or the data build, which fit the tokenizer):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -33,9 +38,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from musicrl_jax import collection, decoding, partitioning, raters  # noqa: E402
-from musicrl_jax.audio import features  # noqa: E402
 from musicrl_jax.audio.tokenizer import load_tokenizer  # noqa: E402
+from musicrl_jax.data import corpus  # noqa: E402
+from musicrl_jax.data.musicrl_music import read_wav  # noqa: E402
 from musicrl_jax.models import music_lm  # noqa: E402
+from musicrl_jax.training import rl_finetune  # noqa: E402
 
 DEFAULT_TOKENIZER = os.path.join(REPO_ROOT, "data_cache", "musicrl_music_assets", "demo",
                                  "tokenizer")
@@ -47,6 +54,13 @@ def parse_args(argv=None):
     parser.add_argument("--pairs", type=int, default=64, help="preference pairs to collect")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--frames", type=int, default=125, help="frames per clip (5 s)")
+    parser.add_argument("--lm_dir", default=None,
+                        help="a pretraining run of the demo LM on this tokenizer's codes "
+                             "(default: random weights)")
+    parser.add_argument("--griffin_lim_iters", type=int, default=16,
+                        help="the tokenizer's (a fresh demo fits it with 16)")
+    parser.add_argument("--agreement_clips", type=int, default=128,
+                        help="tokenized corpus clips for the listener agreement (0: skip)")
     return parser.parse_args(argv)
 
 
@@ -80,6 +94,31 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def listener_agreement(tokenizer, corpus_dir: str, count: int, panel, seed: int = 0):
+    """Share of random pairs of tokenized corpus clips where the panel's mean utility picks
+    the same clip under both listeners, and under two Griffin-Lim seeds (phase noise)."""
+    specs = [dataclasses.asdict(c) for c in corpus.load_manifest(corpus_dir)[:count]]
+    samples = tokenizer.num_samples(125)
+    waves = np.stack([np.pad(w[:samples], (0, samples - len(w[:samples]))) for w in
+                      (read_wav(os.path.join(corpus_dir, m["wav"])) for m in specs)])
+    codes = np.asarray(tokenizer.encode(waves))
+    mean_utility = {}
+    for name, listener in (("spectrum", "spectrum"), ("waveform", "waveform"),
+                           ("waveform seed 1", "waveform")):
+        tokenizer.seed = 1 if name.endswith("1") else 0
+        attrs = collection._attributes(tokenizer, collection._decode(tokenizer, codes, listener),
+                                       specs, listener)
+        mean_utility[name] = panel.utilities(attrs).mean(axis=0)
+    tokenizer.seed = 0
+    order = np.random.default_rng(seed).permutation(len(codes))
+    first, second = order[:len(order) // 2], order[len(order) // 2:2 * (len(order) // 2)]
+
+    def picks(name):
+        return mean_utility[name][first] > mean_utility[name][second]
+    return (float(np.mean(picks("spectrum") == picks("waveform"))),
+            float(np.mean(picks("waveform") == picks("waveform seed 1"))))
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not os.path.isdir(args.tokenizer_dir):
@@ -87,42 +126,65 @@ def main(argv=None):
                          "Fix: build the demo data first (make demo, or python -m "
                          "musicrl_jax.data.build --data_dir data_cache --config demo).")
     tokenizer = load_tokenizer(args.tokenizer_dir)
+    tokenizer.griffin_lim_iters = args.griffin_lim_iters
     config = demo_lm_config(tokenizer, args.frames)
-    params = partitioning.unbox(music_lm.init_params(config, jax.random.PRNGKey(0)))
+    if args.lm_dir:
+        _, step, meta = rl_finetune.policy_checkpoint(args.lm_dir)
+        config = music_lm.MusicLMConfig(**{**meta["model_config"], "max_frames": args.frames})
+        params = rl_finetune.restore_policy_params(config, args.lm_dir, step=step)
+        lm = f"the LM of {args.lm_dir} (step {step})"
+    else:
+        params = partitioning.unbox(music_lm.init_params(config, jax.random.PRNGKey(0)))
+        lm = "a random-weight LM"
     panel = raters.RaterPanel.sample(40, 0)
     setup = dict(lm_config=config, params=params, tokenizer=tokenizer, panel=panel,
                  prompts=prompts(config), batch_size=args.batch_size, num_frames=args.frames,
                  show_progress=False, mesh=partitioning.make_mesh())
-    with tempfile.TemporaryDirectory() as tmp:
-        collection.collect("preferences", os.path.join(tmp, "warmup"),
-                           num_items=args.batch_size, **setup)  # compiles
-        start = time.perf_counter()
-        collection.collect("preferences", os.path.join(tmp, "timed"), num_items=args.pairs,
-                           **setup)
-        elapsed = time.perf_counter() - start
+    clips = 2 * args.pairs
+    result = {}
+    for listener in collection.LISTENERS:
+        with tempfile.TemporaryDirectory() as tmp:
+            collection.collect("preferences", os.path.join(tmp, "warmup"), listener=listener,
+                               num_items=args.batch_size, **setup)  # compiles
+            start = time.perf_counter()
+            collection.collect("preferences", os.path.join(tmp, "timed"), listener=listener,
+                               num_items=args.pairs, **setup)
+            result[f"{listener}_clips_per_s"] = clips / (time.perf_counter() - start)
 
     # One batch's parts, outside `collect`.
     batch = setup["prompts"]
     captions = batch.caption_tokens[:args.batch_size]
+    metas = batch.metas[:len(captions)]
     rngs = decoding.example_rngs(jax.random.PRNGKey(1), len(captions))
     codes, t_sample = timed(lambda: decoding.sample(config, params, captions, rngs,
                                                     num_frames=args.frames)["codes"])
-    audio, t_decode = timed(lambda: tokenizer.decode(np.asarray(codes)))
-    log_mel = tokenizer.tokens_to_log_mel(np.asarray(codes))
-    _, t_mel_inversion = timed(lambda: tokenizer.mel_power_to_linear_power(
-        tokenizer.log_mel_to_power(log_mel).swapaxes(-1, -2)))
-    _, t_judge = timed(lambda: features.batch_attributes(audio, tokenizer.sample_rate,
-                                                         batch.metas[:len(captions)]))
-    clips = 2 * args.pairs
+    codes = np.asarray(codes)
+    magnitude, t_magnitude = timed(lambda: tokenizer.decode_magnitude(codes))
+    audio, t_decode = timed(lambda: tokenizer.decode(codes))
+    _, t_judge_spectrum = timed(lambda: collection._attributes(tokenizer, magnitude, metas,
+                                                               "spectrum"))
+    _, t_judge_waveform = timed(lambda: collection._attributes(tokenizer, audio, metas,
+                                                               "waveform"))
     per_clip = {k: 1000 * v / len(captions) for k, v in
-                (("sample", t_sample), ("decode", t_decode),
-                 ("of which mel inversion", t_mel_inversion), ("judge", t_judge))}
-    print(f"collect: {clips} clips ({args.pairs} pairs, batches of {args.batch_size}) in "
-          f"{elapsed:.1f} s = {clips / elapsed:.2f} judged clips/s on "
-          f"{jax.device_count()} x {jax.devices()[0].platform}; per clip: "
-          + ", ".join(f"{k} {v:.0f} ms" for k, v in per_clip.items()), flush=True)
-    return {"judged_clips_per_s": clips / elapsed,
-            **{f"{k.replace(' ', '_')}_ms": v for k, v in per_clip.items()}}
+                (("sample", t_sample), ("magnitude", t_magnitude),
+                 ("griffin-lim", t_decode - t_magnitude), ("judge spectrum", t_judge_spectrum),
+                 ("judge waveform", t_judge_waveform))}
+    print(f"collect with {lm}: {clips} clips ({args.pairs} pairs, batches of "
+          f"{args.batch_size}) on "
+          f"{jax.device_count()} x {jax.devices()[0].platform}, Griffin-Lim "
+          f"{tokenizer.griffin_lim_iters} iterations: judged clips/s "
+          + ", ".join(f"{k.split('_')[0]} listener {v:.2f}" for k, v in result.items())
+          + "; per clip: " + ", ".join(f"{k} {v:.0f} ms" for k, v in per_clip.items()),
+          flush=True)
+    result.update({f"{k.replace(' ', '_').replace('-', '_')}_ms": v for k, v in per_clip.items()})
+    corpus_dir = os.path.join(os.path.dirname(args.tokenizer_dir), "corpus")
+    if args.agreement_clips and os.path.isdir(corpus_dir):
+        same, seeds = listener_agreement(tokenizer, corpus_dir, args.agreement_clips, panel)
+        print(f"panel's mean preference on {args.agreement_clips // 2} pairs of tokenized corpus "
+              f"clips: spectrum vs waveform listener agree on {same:.1%}; waveform with two "
+              f"Griffin-Lim seeds agree on {seeds:.1%}", flush=True)
+        result.update(listener_agreement=same, griffin_lim_seed_agreement=seeds)
+    return result
 
 
 if __name__ == "__main__":

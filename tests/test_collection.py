@@ -86,13 +86,13 @@ def test_a_crash_inside_a_shard_write_loses_only_that_batch(setup, tmp_path, mon
         assert half.read().count("\n") == 1  # the kill really was mid-file
     monkeypatch.setattr(feedback, "json", json)
     sampled = []
-    real_sample = collection._sample_audio
+    real_sample = collection._sample_codes
 
     def counting_sample(*args, **kwargs):
-        sampled.append(len(args[3]))
+        sampled.append(len(args[2]))
         return real_sample(*args, **kwargs)
 
-    monkeypatch.setattr(collection, "_sample_audio", counting_sample)
+    monkeypatch.setattr(collection, "_sample_codes", counting_sample)
     collection.collect("preferences", out, num_items=12, **setup)
     assert len(sampled) == 2  # batches 1 and 2; the finished shard 0 is not recomputed
     assert len(feedback.read_records(out, "preferences")) == len(
@@ -114,3 +114,25 @@ def test_sharded_collection_matches_unsharded(setup, tmp_path):
     assert [r["rating"] for r in a] == [r["rating"] for r in b]
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x["audio_codes"], y["audio_codes"])
+
+
+def test_the_spectrum_listener_never_runs_griffin_lim(setup, tmp_path, monkeypatch):
+    """Collection's default listener judges the decoded magnitude; "waveform" judges the
+    Griffin-Lim audio (evaluation's listener) and gives other, equally valid judgements."""
+    from musicrl_jax.errors import ConfigError
+    tokenizer = setup["tokenizer"]
+    waveform = str(tmp_path / "waveform")
+    collection.collect("ratings", waveform, num_items=8, listener="waveform", **setup)
+
+    def no_griffin_lim(*args, **kwargs):
+        raise AssertionError("the spectrum listener ran Griffin-Lim")
+
+    monkeypatch.setattr(tokenizer, "decode", no_griffin_lim)
+    spectrum = str(tmp_path / "spectrum")
+    collection.collect("ratings", spectrum, num_items=8, **setup)
+    a, b = (feedback.read_records(d, "ratings") for d in (waveform, spectrum))
+    for x, y in zip(a, b):  # same clips and raters, heard two ways
+        np.testing.assert_array_equal(x["audio_codes"], y["audio_codes"])
+        assert x["rater_id"] == y["rater_id"]
+    with pytest.raises(ConfigError, match="listener='ears'"):
+        collection.collect("ratings", str(tmp_path / "x"), num_items=1, listener="ears", **setup)

@@ -332,3 +332,58 @@ def test_panel_config_is_gin_configurable():
     panel = raters.RaterPanel.sample(5, seed=0)
     assert all(r.taste[d] == 0.0 for r in panel for d in raters.DESCRIPTIVE)
     assert all(r.skip_prob == 0.0 for r in panel)
+
+
+def _stft_magnitude(waveform, n_fft=2048, hop=640):
+    import librosa
+    return np.abs(librosa.stft(np.asarray(waveform, np.float32), n_fft=n_fft, hop_length=hop,
+                               window="hann", center=True, pad_mode="constant"))
+
+
+@needs_synth
+def test_the_spectrum_listener_hears_what_the_waveform_listener_hears(clips):
+    """Collection's listener (measure_magnitude on the decoded STFT magnitude) and
+    evaluation's (measure on the Griffin-Lim waveform) judge the same decoded clips alike:
+    attributes close on average (benchmarks/collection.py measures the panel's agreement)."""
+    from musicrl_jax.audio.tokenizer import MelRVQTokenizer
+    keys = sorted(clips)
+    waves = np.stack([clips[k][0][:5 * SR] for k in keys])
+    metas = [clips[k][1] for k in keys]
+    tokenizer = MelRVQTokenizer(num_codebooks=2, codebook_size=64, n_fft=2048, hop_length=640,
+                                griffin_lim_iters=16, kmeans_max_iters=10).fit(list(waves))
+    codes = tokenizer.encode(waves)
+    heard = features.batch_attributes(tokenizer.decode(codes), SR, metas, as_array=True)
+    seen = np.array([[features.score(features.measure_magnitude(m, SR, 2048, 640), meta)[n]
+                      for n in features.ATTRIBUTE_NAMES]
+                     for m, meta in zip(tokenizer.decode_magnitude(codes), metas)])
+    gaps = dict(zip(features.ATTRIBUTE_NAMES, np.abs(heard - seen).mean(axis=0)))
+    # Pitch and spectral shape agree closely; onset-based attributes less so, as Griffin-Lim's
+    # inconsistent phases add high-frequency flux the magnitude does not have.
+    for tolerance, names in ((0.03, ("key_match", "brightness", "consonance", "repetition",
+                                     "speed", "tonality", "smoothness")),
+                             (0.1, ("snr", "no_clipping", "dynamics", "rhythmic_regularity",
+                                    "density", "non_silence")),
+                             (0.2, ("tempo_match", "timbre_match", "percussiveness"))):
+        for name in names:
+            assert gaps[name] < tolerance, (name, gaps[name])
+
+
+def test_the_spectrum_listener_estimates_level_and_clipping():
+    """Peak (sqrt 2 x the loudest frame's RMS) and clipping (Gaussian tail at 0.99) come from
+    the magnitude alone (Griffin-Lim's random phases make its output near-Gaussian): a
+    regridding with the wrong power scale fails both."""
+    t = np.arange(5 * SR) / SR
+    for amplitude in (0.05, 0.5):
+        sine = (amplitude * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+        raw = features.measure_magnitude(_stft_magnitude(sine), SR, 2048, 640)
+        assert raw["peak"] == pytest.approx(amplitude, rel=0.05)
+    assert raw["clip_fraction"] < 0.01  # a Gaussian at the sine's RMS; quiet ones: none
+    quiet = (0.05 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    assert features.measure_magnitude(_stft_magnitude(quiet), SR, 2048, 640)[
+        "clip_fraction"] < 1e-12
+    noise = np.random.default_rng(0).standard_normal(5 * SR).astype(np.float32)  # RMS 1
+    raw = features.measure_magnitude(_stft_magnitude(noise), SR, 2048, 640)
+    assert raw["clip_fraction"] == pytest.approx(np.mean(np.abs(noise) >= 0.99), abs=0.03)
+    silent = features.score(features.measure_magnitude(np.zeros((1025, 126), np.float32), SR,
+                                                       2048, 640), None)
+    assert silent["tempo_match"] == 0.0 and silent["non_silence"] == 0.0

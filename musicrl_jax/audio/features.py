@@ -198,6 +198,15 @@ def _to_16k(waveform: np.ndarray, sample_rate: int) -> np.ndarray:
     return np.nan_to_num(y)
 
 
+def _decile(x: np.ndarray) -> np.ndarray:
+    """np.quantile(x, 0.1, axis=0) (linear interpolation) from one partial sort: 5x faster."""
+    position = 0.1 * (len(x) - 1)
+    lo = int(np.floor(position))
+    hi = min(lo + 1, len(x) - 1)
+    part = np.partition(x, (lo, hi), axis=0)
+    return part[lo] + (part[hi] - part[lo]) * np.float32(position - lo)
+
+
 def _tempo(onset_env: np.ndarray) -> tuple[float, float]:
     """(tempo in BPM, autocorrelation peak in [0, 1]) of an onset envelope.
 
@@ -247,7 +256,18 @@ def measure(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> dict[str, A
     f = _filters()
     if len(y) < N_FFT:
         y = np.pad(y, (0, N_FFT - len(y)))
-    power = _power_stft(y, N_FFT, HOP, f["window"])  # [T, F]
+    return _measure_spectra(
+        _power_stft(y, N_FFT, HOP, f["window"]),
+        _power_stft(y, CHROMA_N_FFT, CHROMA_HOP, f["chroma_window"]),
+        seconds=len(y) / SAMPLE_RATE, peak=float(np.max(np.abs(y))) if len(y) else 0.0,
+        clip_fraction=float(np.mean(np.abs(y) >= 0.99)))
+
+
+def _measure_spectra(power: np.ndarray, chroma_power: np.ndarray, *, seconds: float, peak: float,
+                     clip_fraction: float) -> dict[str, Any]:
+    """`measure` from its two power spectrograms ([frames, bins] on the (N_FFT, HOP) and
+    (CHROMA_N_FFT, CHROMA_HOP) grids at 16 kHz) and three waveform statistics."""
+    f = _filters()
     frame_power = power.sum(axis=1) + EPS
     level_db = 10 * np.log10(frame_power / (np.sum(f["window"] ** 2) * N_FFT / 2))  # ~dBFS
     loudest = float(level_db.max())
@@ -258,9 +278,8 @@ def measure(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> dict[str, A
 
     # quality
     mean_power = float(power.mean())
-    floor = float(np.median(np.quantile(power, 0.1, axis=0))) / 0.1054  # E[q10 of Exp(1)] ~ .105
+    floor = float(np.median(_decile(power))) / 0.1054  # E[q10 of Exp(1)] ~ .105
     snr_db = float(np.clip(10 * np.log10((mean_power + EPS) / (floor + EPS)), -20.0, 80.0))
-    clip_frac = float(np.mean(np.abs(y) >= 0.99))
     log_p = np.log(power + EPS)
     flat = np.exp(log_p.mean(axis=1)) / (power.mean(axis=1) + EPS)
     flatness = float((flat * weights).sum() / wsum) if wsum > 0 else 1.0
@@ -283,7 +302,7 @@ def measure(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> dict[str, A
     if len(peaks):
         keep = np.concatenate([[True], np.diff(peaks) > 0.05 * FRAME_RATE])
         peaks = peaks[keep]
-    onset_rate = len(peaks) / (len(y) / SAMPLE_RATE)
+    onset_rate = len(peaks) / seconds
 
     # sustain: frame level relative to its running max over the last 300 ms (decay -> low)
     rms_db = level_db
@@ -297,7 +316,7 @@ def measure(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> dict[str, A
     dyn_range = float(np.percentile(levels, 90) - np.percentile(levels, 10)) if len(levels) else 0.
 
     # harmony
-    cmag = np.sqrt(_power_stft(y, CHROMA_N_FFT, CHROMA_HOP, f["chroma_window"]))
+    cmag = np.sqrt(chroma_power)
     chroma = cmag @ f["chroma"].T  # [T, 12] magnitude per pitch class
     c_energy = chroma.sum(axis=1)
     c_active = c_energy > max(EPS, 1e-3 * c_energy.max())
@@ -306,11 +325,72 @@ def measure(waveform: np.ndarray, sample_rate: int = SAMPLE_RATE) -> dict[str, A
     triad = _triad_share(chroma[c_active])
     repetition = _repetition(chroma, mel_db, CHROMA_HOP)
     return {"tempo_bpm": tempo_bpm, "regularity": regularity, "onset_rate": onset_rate,
-            "snr_db": snr_db, "clip_fraction": clip_frac, "flatness": flatness,
+            "snr_db": snr_db, "clip_fraction": clip_fraction, "flatness": flatness,
             "silence_fraction": float(silent.mean()), "hf_ratio": hf_ratio,
             "centroid_hz": centroid, "sustain": sustain, "percussive_share": perc_share,
             "dynamic_range_db": dyn_range, "key_correlations": key_corr, "triad_share": triad,
-            "repetition": repetition, "peak": float(np.max(np.abs(y))) if len(y) else 0.0}
+            "repetition": repetition, "peak": peak}
+
+
+@functools.lru_cache(maxsize=None)
+def _bin_regrid(in_bins: int, in_spacing_hz: float, n_fft: int):
+    """Sparse [n_fft // 2 + 1, in_bins] map of a power spectrum onto a 16 kHz n_fft grid: each
+    input bin's power is shared among the output bins its band overlaps, times the factor by
+    which a window of n_fft samples at 16 kHz outgrows the input's (total power ~ length^2)."""
+    import scipy.sparse
+    out_spacing = SAMPLE_RATE / n_fft
+    lo = (np.arange(in_bins) - 0.5) * in_spacing_hz
+    rows, cols, vals = [], [], []
+    for k in range(n_fft // 2 + 1):
+        overlap = (np.minimum(lo + in_spacing_hz, (k + 0.5) * out_spacing)
+                   - np.maximum(lo, (k - 0.5) * out_spacing))
+        hit = np.flatnonzero(overlap > 0)
+        rows += hit.tolist()
+        cols += [k] * len(hit)
+        vals += (overlap[hit] / in_spacing_hz).tolist()
+    scale = (in_spacing_hz / out_spacing) ** 2  # (window duration out / in)^2
+    return scipy.sparse.csr_matrix((np.float32(scale) * np.asarray(vals, np.float32),
+                                    (cols, rows)), shape=(n_fft // 2 + 1, in_bins))
+
+
+def _frame_regrid(power: np.ndarray, in_rate: float, hop: int, num_frames: int) -> np.ndarray:
+    """[frames, bins] power linearly interpolated in time onto `num_frames` frames `hop`
+    samples apart at 16 kHz (frame t centred on t / rate seconds on both grids)."""
+    position = np.minimum(np.arange(num_frames) * hop / SAMPLE_RATE * in_rate, len(power) - 1)
+    left = np.minimum(position.astype(int), len(power) - 2) if len(power) > 1 else \
+        np.zeros(num_frames, int)
+    frac = (position - left)[:, None].astype(np.float32)
+    right = np.minimum(left + 1, len(power) - 1)
+    return power[left] * (1 - frac) + power[right] * frac
+
+
+def measure_magnitude(magnitude: np.ndarray, sample_rate: int, n_fft: int,
+                      hop: int) -> dict[str, Any]:
+    """`measure` from an STFT magnitude [n_fft // 2 + 1, frames] (periodic Hann, frames
+    centred on t * hop) instead of a waveform: what a spectrogram decoder produces before
+    phase reconstruction. The power is regridded onto `measure`'s two analysis grids (bands
+    shared by overlap, frames interpolated), and the two waveform statistics are estimated
+    from frame levels (peak ~ sqrt(2) x the loudest frame's RMS; clipping = the expected
+    share of Gaussian samples at |x| >= 0.99), so the result estimates what `measure` gives on
+    the waveform that magnitude describes, without the waveform: ~10x cheaper than
+    Griffin-Lim plus `measure`. `tests/test_raters.py` bounds the two paths' disagreement."""
+    power_in = np.square(np.asarray(magnitude, np.float32)).T  # [frames, bins]
+    rate = sample_rate / hop
+    samples = max(round((len(power_in) - 1) * hop * SAMPLE_RATE / sample_rate), N_FFT)
+    spacing = sample_rate / n_fft
+    grids = [(N_FFT, HOP), (CHROMA_N_FFT, CHROMA_HOP)]
+    power, chroma_power = (np.ascontiguousarray(  # row-major: the matmuls after are 10x faster
+        _frame_regrid(np.asarray(_bin_regrid(power_in.shape[1], spacing, size)
+                                 @ power_in.T).T, rate, step, samples // step + 1))
+        for size, step in grids)
+    f = _filters()
+    mean_square = power.sum(axis=1) / (np.sum(f["window"] ** 2) * N_FFT / 2)
+    rms = np.sqrt(mean_square)
+    from scipy.special import erfc
+    clipping = erfc(0.99 / (np.sqrt(2.0) * np.maximum(rms, 1e-12)))
+    return _measure_spectra(power, chroma_power, seconds=samples / SAMPLE_RATE,
+                            peak=float(np.sqrt(2.0) * rms.max()) if len(rms) else 0.0,
+                            clip_fraction=float(clipping.mean()) if len(rms) else 0.0)
 
 
 def _key_correlations(profile: np.ndarray) -> np.ndarray:
