@@ -68,6 +68,14 @@ def _sample_codes(config, params, caption_tokens, rngs, num_frames, sampling, me
     return np.asarray(codes)[:size]
 
 
+def hear(tokenizer, codes, metas, listener: str = "spectrum") -> list[dict[str, float]]:
+    """The attributes the raters judge for clips `codes` [n, frames, K] of captions `metas`,
+    as `collect` hears them (one per clip)."""
+    if listener == "spectrum" and not hasattr(tokenizer, "decode_magnitude"):
+        listener = "waveform"  # a codec without a spectrogram stage is heard as audio
+    return _attributes(tokenizer, _decode(tokenizer, codes, listener), metas, listener)
+
+
 def _decode(tokenizer, codes, listener: str):
     """What the raters hear: STFT magnitudes (spectrum) or waveforms, one per clip."""
     if listener == "spectrum":
@@ -104,8 +112,6 @@ def collect(kind: str, out_dir: str, *, lm_config, params, tokenizer, panel: rat
         raise ConfigError(f"collect: kind={kind!r}; expected 'ratings' or 'preferences'.")
     if listener not in LISTENERS:
         raise ConfigError(f"collect: listener={listener!r}; expected one of {LISTENERS}.")
-    if listener == "spectrum" and not hasattr(tokenizer, "decode_magnitude"):
-        listener = "waveform"  # a codec without a spectrogram stage is heard as audio
     num_frames = num_frames or lm_config.max_frames
     num_batches = -(-num_items // batch_size)
     todo = [b for b in range(num_batches) if not os.path.exists(_shard_path(out_dir, kind, b))]
@@ -143,8 +149,7 @@ def _judge_and_write(kind, out_dir, index, rng, chosen, captions, codes, prompts
     """Decodes, judges and writes one batch (on the worker thread)."""
     size = len(chosen)
     metas = [prompts.metas[i] for i in chosen]
-    attrs = _attributes(tokenizer, _decode(tokenizer, codes, listener),
-                        metas * (len(codes) // size), listener)
+    attrs = hear(tokenizer, codes, metas * (len(codes) // size), listener)
     codes_a, attrs_a = codes[:size], attrs[:size]
     records = []
     if kind == "ratings":

@@ -320,6 +320,27 @@ def compare_all(panel: RaterPanel, attrs_a: Mapping[str, float], attrs_b: Mappin
     return [compare(r, attrs_a, attrs_b, rng) for r in panel]
 
 
+def population_preference(panel: RaterPanel, attrs_a, attrs_b) -> np.ndarray:
+    """[pairs] the panel's mean Bradley-Terry P(a preferred over b): what a reward model
+    trained on this panel's choices can at best learn (attribute dicts or arrays)."""
+    du = panel.utilities(attrs_a) - panel.utilities(attrs_b)  # [raters, pairs]
+    temperature = np.array([r.temperature for r in panel.raters])[:, None]
+    return (1.0 / (1.0 + np.exp(-np.clip(du / temperature, -50, 50)))).mean(axis=0)
+
+
+def expected_ratings(panel: RaterPanel, attributes) -> np.ndarray:
+    """[clips] the panel's mean expected rating 1..5 (`rate`'s Gaussian noise integrated
+    over each cut-point)."""
+    from scipy.stats import norm
+    u = panel.utilities(attributes)  # [raters, clips]
+    out = np.zeros(u.shape[1])
+    for i, r in enumerate(panel.raters):
+        above = norm.cdf((u[i][:, None] + r.bias - np.asarray(r.cutpoints)[None])
+                         / max(r.noise_scale, 1e-9))
+        out += 1.0 + above.sum(axis=1)
+    return out / len(panel)
+
+
 def split_raters(panel: RaterPanel, held_out_fraction: float = 0.3, seed: int = 0
                  ) -> tuple[RaterPanel, RaterPanel]:
     """(training raters, evaluation raters): a seeded random partition, both non-empty.

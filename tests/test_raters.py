@@ -387,3 +387,27 @@ def test_the_spectrum_listener_estimates_level_and_clipping():
     silent = features.score(features.measure_magnitude(np.zeros((1025, 126), np.float32), SR,
                                                        2048, 640), None)
     assert silent["tempo_match"] == 0.0 and silent["non_silence"] == 0.0
+
+
+def test_population_preference_and_expected_ratings_match_the_raters_own_draws():
+    """The panel ceilings of evidence/reward_scaling.py: the mean Bradley-Terry preference and
+    the mean expected rating equal Monte-Carlo averages of `compare` and `rate`."""
+    panel = raters.RaterPanel.sample(6, seed=3)
+    rng = np.random.default_rng(0)
+    clips = rng.uniform(0.2, 0.9, (4, len(features.ATTRIBUTE_NAMES)))
+    as_dicts = [dict(zip(features.ATTRIBUTE_NAMES, c)) for c in clips]
+    expected = raters.expected_ratings(panel, clips)
+    draws = np.random.default_rng(1)
+    monte_carlo = [np.mean([raters.rate(r, a, draws) for r in panel for _ in range(400)])
+                   for a in as_dicts]
+    np.testing.assert_allclose(expected, monte_carlo, atol=0.05)
+    assert np.ptp(expected) > 0.2  # the clips differ, so a constant would fail
+    p = raters.population_preference(panel, clips[:2], clips[2:])
+    for k, (a, b) in enumerate(zip(as_dicts[:2], as_dicts[2:])):
+        mean = np.mean([raters.preference_probability(r, a, b) for r in panel])
+        assert p[k] == pytest.approx(mean, rel=1e-9)
+        # Decisive draws of `compare` pick a at that rate once ties and skips are removed.
+        picks = [raters.compare(r, a, b, draws) for r in panel for _ in range(300)]
+        decisive = [c for c in picks if c in (0, 1)]
+        own = np.mean([[raters.preference_probability(r, a, b)] * 300 for r in panel])
+        assert np.mean([c == 0 for c in decisive]) == pytest.approx(own, abs=0.06)

@@ -149,6 +149,12 @@ def test_feedback_shards_round_trip_and_split_by_caption(tmp_path):
     np.testing.assert_array_equal(arrays["audio_mask"][12 + 3], [1] * 8 + [0] * 4)
     assert arrays["rating"][12:17].tolist() == [1, 2, 3, 4, 5]
     assert arrays["clip_id"][12] == "clip0"
+    # max_records: a prefix in shard order, before the split (learning curves' subsets).
+    first = feedback.ratings_source(directory, "train", caption_length=8, num_frames=12,
+                                    validation_fraction=0.0, max_records=14)
+    np.testing.assert_array_equal(first.arrays["audio_codes"], arrays["audio_codes"][:14])
+    with pytest.raises(ConfigError, match="32 ratings records, fewer than .*max_records=40"):
+        feedback.ratings_source(directory, "train", max_records=40)
 
 
 @pytest.mark.parametrize("bad, message", [

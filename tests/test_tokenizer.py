@@ -170,6 +170,12 @@ def test_decode_magnitude_inverts_each_distinct_frame_once(tokenizer, clips, mon
     np.testing.assert_array_equal(tokenizer.decode_magnitude(tokens[::-1]), expected[::-1])
     assert len(inverted) == 1  # all remembered
     assert tokenizer.decode_magnitude(tokens[0]).shape == expected.shape[1:]
+    from musicrl_jax.audio import tokenizer as tokenizer_module
+    monkeypatch.setattr(tokenizer_module, "FRAME_MEMO_SIZE", distinct + 1)  # a full memo
+    np.testing.assert_array_equal(tokenizer.decode_magnitude(tokens[:, ::-1] // 2 * 2),
+                                  tokenizer.decode_magnitude(tokens[:, ::-1] // 2 * 2))
+    np.testing.assert_array_equal(tokenizer.decode_magnitude(tokens), expected)
+    assert len(tokenizer._frame_magnitudes) <= distinct + 1
 
 
 # -- persistence --------------------------------------------------------------

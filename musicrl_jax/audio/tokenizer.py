@@ -754,6 +754,7 @@ class MelRVQTokenizer(AudioTokenizer):
         if missing:
             if len(memo) + len(missing) > FRAME_MEMO_SIZE:
                 memo.clear()  # then it refills with what the current clips use
+                missing = list(range(len(keys)))
             columns = self.log_mel_to_magnitude(self.tokens_to_log_mel(distinct[missing],
                                                                        num_codebooks=k))
             memo.update(zip((keys[i] for i in missing), columns.T))

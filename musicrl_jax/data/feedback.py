@@ -225,10 +225,18 @@ def caption_split(caption: str, caption_tokens: np.ndarray, validation_fraction:
     return "validation" if bucket < validation_fraction else "train"
 
 
-def _source(directory, kind, split, caption_length, num_frames, validation_fraction, seed):
+def _source(directory, kind, split, caption_length, num_frames, validation_fraction, seed,
+            max_records):
     if split not in ("train", "validation"):
         raise ConfigError(f"{kind}_source.split={split!r}; expected 'train' or 'validation'.")
-    records = [r for r in read_records(directory, kind)
+    records = read_records(directory, kind)
+    if max_records is not None:  # the first ones in shard order: a prefix of the collection
+        if len(records) < max_records:
+            raise ConfigError(f"{directory}: {len(records)} {kind} records, fewer than "
+                              f"{kind}_source.max_records={max_records}. Fix: collect more or "
+                              "lower max_records.")
+        records = records[:max_records]
+    records = [r for r in records
                if caption_split(r["caption"], r["caption_tokens"], validation_fraction) == split]
     if not records:
         raise ConfigError(f"{directory}: no {kind} records fall in the {split!r} split "
@@ -242,21 +250,22 @@ def _source(directory, kind, split, caption_length, num_frames, validation_fract
 @gin.configurable
 def ratings_source(directory: str = gin.REQUIRED, split: str = "train", caption_length: int = 32,
                    num_frames: int = 64, validation_fraction: float = 0.1,
-                   seed: int = 0) -> ArraySource:
+                   seed: int = 0, max_records: int | None = None) -> ArraySource:
     """Ratings in `directory` as model features: caption_tokens, audio_codes, audio_mask,
-    rating."""
+    rating. max_records: use only the first ones (before the split)."""
     return _source(directory, "ratings", split, caption_length, num_frames,
-                   validation_fraction, seed)
+                   validation_fraction, seed, max_records)
 
 
 @gin.configurable
 def preferences_source(directory: str = gin.REQUIRED, split: str = "train",
                        caption_length: int = 32, num_frames: int = 64,
-                       validation_fraction: float = 0.1, seed: int = 0) -> ArraySource:
+                       validation_fraction: float = 0.1, seed: int = 0,
+                       max_records: int | None = None) -> ArraySource:
     """Preferences in `directory` as model features: caption_tokens, tokens_a, mask_a,
-    tokens_b, mask_b, choice."""
+    tokens_b, mask_b, choice. max_records: use only the first ones (before the split)."""
     return _source(directory, "preferences", split, caption_length, num_frames,
-                   validation_fraction, seed)
+                   validation_fraction, seed, max_records)
 
 
 # --- simulated feedback (until the rater panel exists) --------------------------------------------
