@@ -54,6 +54,16 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(scope="session")
+def tiny_music_data(tmp_path_factory):
+    """The `tiny` music data (53 / 5 / 2 clips), built once for the session: (data_dir,
+    assets). Modules that read it through seqio call `tasks.register_tasks(data_dir, "tiny")`
+    in their own fixture (another module may have registered other data since)."""
+    from musicrl_jax.data import musicrl_music
+    data_dir = str(tmp_path_factory.mktemp("tiny_music_data"))
+    return data_dir, musicrl_music.prepare_music_data(data_dir, "tiny")
+
+
+@pytest.fixture(scope="session")
 def tiny_params():
     return nn.meta.unbox(music_lm.init_params(TINY, jax.random.PRNGKey(0)))
 

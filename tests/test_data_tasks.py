@@ -13,9 +13,8 @@ from musicrl_jax.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    data_dir = str(tmp_path_factory.mktemp("data"))
-    assets = musicrl_music.prepare_music_data(data_dir, "tiny")
+def tiny_data(tiny_music_data):
+    data_dir, assets = tiny_music_data  # built once per session (conftest)
     tasks.register_tasks(data_dir, "tiny")
     return data_dir, assets
 

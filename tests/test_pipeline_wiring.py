@@ -23,10 +23,9 @@ SPLITS = ("train", "validation", "test")
 
 
 @pytest.fixture(scope="module")
-def tiny_music(tmp_path_factory):
-    """The `tiny` data (53 / 5 / 2 clips) and an untrained LM that fits it."""
-    data_dir = str(tmp_path_factory.mktemp("data"))
-    assets = musicrl_music.prepare_music_data(data_dir, "tiny")
+def tiny_music(tiny_music_data):
+    """The `tiny` data (53 / 5 / 2 clips, built once per session) and an untrained LM."""
+    data_dir, assets = tiny_music_data
     tasks.register_tasks(data_dir, "tiny")
     size = vocab.load_caption_vocabulary(os.path.join(assets, "vocab")).vocab_size
     config = dataclasses.replace(TINY, caption_vocab_size=size, max_caption_length=48)
