@@ -32,53 +32,107 @@ def _losses(run_dir):
     return {row["step"]: row["loss"] for row in read_metrics(run_dir) if "loss" in row}
 
 
-def test_sigkill_or_sigterm_then_restart_continues_with_identical_losses(tmp_path):
+# The kill tests run independent processes side by side (the machine has 2+ cores and each run
+# keeps about one busy), each with its output in a log that a failed assertion shows.
+
+_STARTED = []
+
+
+@pytest.fixture
+def stop_leftovers():
+    """Kills what a failed kill test left running."""
+    yield
+    while _STARTED:
+        process = _STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _start(command, log, env=None):
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    _STARTED.append(process)
+    return process
+
+
+def _log_tail(log):
+    with open(log, errors="replace") as f:
+        return f.read()[-3000:]
+
+
+def _exits(process, log, code=0, timeout=300):
+    assert process.wait(timeout=timeout) == code, _log_tail(log)
+
+
+def _wait_until(process, log, ready):
+    """Polls until `ready()` holds or the process has ended."""
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(0.05)
+    assert ready(), _log_tail(log)
+
+
+def _signal_when(runs):
+    """runs: (process, ready, signal), polled together every 0.05 s: each process gets its
+    signal once `ready()` holds; one that finishes first fails the test."""
+    pending = list(runs)
+    deadline = time.time() + 300
+    while pending and time.time() < deadline:
+        for run in list(pending):
+            process, ready, sig = run
+            now = ready()
+            assert process.poll() is None, "run finished before it could be signalled"
+            if now:
+                process.send_signal(sig)
+                pending.remove(run)
+        time.sleep(0.05)
+    assert not pending, "run never reached the step to signal it at"
+
+
+def test_sigkill_or_sigterm_then_restart_continues_with_identical_losses(tmp_path,
+                                                                         stop_leftovers):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     reference, interrupted = str(tmp_path / "reference"), str(tmp_path / "interrupted")
-    subprocess.run(_command(reference), cwd=REPO, env=env, check=True, capture_output=True)
-
-    process = subprocess.Popen(_command(interrupted), cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    preempted = str(tmp_path / "preempted")
+    logs = {name: str(tmp_path / f"{name}.log") for name in
+            ("reference", "interrupted", "preempted", "interrupted_restart",
+             "preempted_restart")}
+    reference_run = _start(_command(reference), logs["reference"], env)
+    # Its first step is compiled (into the session's compilation cache) before the others start.
+    _wait_until(reference_run, logs["reference"], lambda: _losses(reference))
+    interrupted_run = _start(_command(interrupted), logs["interrupted"], env)
+    # SIGTERM (a scheduler's preemption notice): the loop saves the step it is at and exits 0.
+    preempted_run = _start(_command(preempted), logs["preempted"], env)
     checkpoint_20 = os.path.join(interrupted, "checkpoints", "20")
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if os.path.isdir(checkpoint_20) and max(_losses(interrupted), default=0) >= 23:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "run finished before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    _signal_when([
+        (interrupted_run, lambda: os.path.isdir(checkpoint_20) and max(
+            _losses(interrupted), default=0) >= 23, signal.SIGKILL),
+        (preempted_run, lambda: max(_losses(preempted), default=0) >= 13, signal.SIGTERM)])
+    _exits(interrupted_run, logs["interrupted"], -signal.SIGKILL)
     killed_at = max(_losses(interrupted))
     assert 23 <= killed_at < 40
     assert Checkpointer(os.path.join(interrupted, "checkpoints")).latest_step() in (20, 30)
-
-    subprocess.run(_command(interrupted), cwd=REPO, env=env, check=True, capture_output=True)
-    expected, resumed = _losses(reference), _losses(interrupted)
-    assert sorted(expected) == sorted(resumed) == list(range(1, 41))
-    np.testing.assert_allclose([resumed[s] for s in range(1, 41)],
-                               [expected[s] for s in range(1, 41)], rtol=1e-6)
-    assert os.path.exists(os.path.join(interrupted, "config.gin"))
-
-    # SIGTERM (a scheduler's preemption notice): the loop saves the step it is at and exits 0.
-    preempted = str(tmp_path / "preempted")
-    process = subprocess.Popen(_command(preempted), cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if max(_losses(preempted), default=0) >= 13:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "run finished before it could be preempted"
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 0
+    _exits(preempted_run, logs["preempted"], timeout=120)
     stopped_at = max(_losses(preempted))
     assert 13 <= stopped_at < 40
     assert Checkpointer(os.path.join(preempted, "checkpoints")).latest_step() == stopped_at
-    subprocess.run(_command(preempted), cwd=REPO, env=env, check=True, capture_output=True)
-    resumed = _losses(preempted)
-    assert sorted(resumed) == list(range(1, 41))
-    np.testing.assert_allclose([resumed[s] for s in range(1, 41)],
-                               [expected[s] for s in range(1, 41)], rtol=1e-6)
+
+    restarts = {run_dir: _start(_command(run_dir), logs[f"{name}_restart"], env)
+                for name, run_dir in (("interrupted", interrupted), ("preempted", preempted))}
+    _exits(reference_run, logs["reference"])
+    for name, run_dir in (("interrupted", interrupted), ("preempted", preempted)):
+        _exits(restarts[run_dir], logs[f"{name}_restart"])
+    expected = _losses(reference)
+    assert sorted(expected) == list(range(1, 41))
+    for run_dir in (interrupted, preempted):
+        resumed = _losses(run_dir)
+        assert sorted(resumed) == list(range(1, 41)), run_dir
+        np.testing.assert_allclose([resumed[s] for s in range(1, 41)],
+                                   [expected[s] for s in range(1, 41)], rtol=1e-6,
+                                   err_msg=run_dir)
+    assert os.path.exists(os.path.join(interrupted, "config.gin"))
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
@@ -123,45 +177,43 @@ def _rl_rows(run_dir):
             for row in read_metrics(run_dir) if "reward_mean" in row}
 
 
-def _run_until(command, run_dir, step, sig):
-    """Starts `command`, sends `sig` once its metrics reach `step`, waits; returns that step."""
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if max(_rl_rows(run_dir), default=0) >= step:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "run finished before it could be signalled"
-    process.send_signal(sig)
-    assert process.wait(timeout=120) == (-signal.SIGKILL if sig == signal.SIGKILL else 0)
-    return max(_rl_rows(run_dir))
-
-
-def test_rl_loop_killed_or_preempted_resumes_to_the_uninterrupted_run(tmp_path):
+def test_rl_loop_killed_or_preempted_resumes_to_the_uninterrupted_run(tmp_path, stop_leftovers):
     """SIGKILL between checkpoints loses the steps since the last one and the restart redoes
     them; SIGTERM saves the step it is at and stops (exit 0). Either way the finished run's
     per-step reward, KL and loss equal an uninterrupted run's, bit for bit."""
-    reference = str(tmp_path / "reference")
-    subprocess.run(_rl_command(reference), cwd=REPO, check=True, capture_output=True)
-    expected = _rl_rows(reference)
-    assert sorted(expected) == list(range(1, 41))
+    reference, killed, preempted = (str(tmp_path / name)
+                                    for name in ("reference", "killed", "preempted"))
+    logs = {run_dir: (f"{run_dir}.log", f"{run_dir}_restart.log")
+            for run_dir in (reference, killed, preempted)}
+    reference_run = _start(_rl_command(reference), logs[reference][0])
+    # Its first step is compiled (into the session's compilation cache) before the others start.
+    _wait_until(reference_run, logs[reference][0], lambda: _rl_rows(reference))
+    runs = {run_dir: _start(_rl_command(run_dir), logs[run_dir][0])
+            for run_dir in (killed, preempted)}
+    _signal_when([(runs[killed], lambda: max(_rl_rows(killed), default=0) >= 13,
+                   signal.SIGKILL),
+                  (runs[preempted], lambda: max(_rl_rows(preempted), default=0) >= 13,
+                   signal.SIGTERM)])
+    _exits(runs[killed], logs[killed][0], -signal.SIGKILL, timeout=120)
+    _exits(runs[preempted], logs[preempted][0], 0, timeout=120)
 
-    killed = str(tmp_path / "killed")
-    killed_at = _run_until(_rl_command(killed), killed, 13, signal.SIGKILL)
+    killed_at = max(_rl_rows(killed))
     assert 13 <= killed_at < 40
     # The last complete checkpoint: step 1's or a multiple of 10 (the kill may land while one
     # is still being written asynchronously; then the one before counts).
     latest = Checkpointer(os.path.join(killed, "checkpoints")).latest_step()
     assert latest <= killed_at and (latest == 1 or latest % 10 == 0), latest
-
-    preempted = str(tmp_path / "preempted")
-    stopped_at = _run_until(_rl_command(preempted), preempted, 13, signal.SIGTERM)
+    stopped_at = max(_rl_rows(preempted))
     assert 13 <= stopped_at < 40
     assert Checkpointer(os.path.join(preempted, "checkpoints")).latest_step() == stopped_at
 
+    restarts = {run_dir: _start(_rl_command(run_dir), logs[run_dir][1])
+                for run_dir in (killed, preempted)}
+    _exits(reference_run, logs[reference][0])
+    expected = _rl_rows(reference)
+    assert sorted(expected) == list(range(1, 41))
     for run_dir, restored in ((killed, latest), (preempted, stopped_at)):
-        subprocess.run(_rl_command(run_dir), cwd=REPO, check=True, capture_output=True)
+        _exits(restarts[run_dir], logs[run_dir][1])
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             logged = [json.loads(line)["step"] for line in f if "reward_mean" in line]
         # The restart began after the restored step: steps up to it were logged only once.
