@@ -33,7 +33,9 @@ ALL_CODES = jnp.asarray(list(itertools.product(range(CONFIG.codebook_size),
 
 
 def _params(seed, sharpness):
-    params = dict(partitioning.unbox(music_lm.init_params(CONFIG, jax.random.PRNGKey(seed))))
+    # Jitted: the same params as eager init, bit for bit, without compiling op by op.
+    params = dict(partitioning.unbox(jax.jit(music_lm.init_params, static_argnums=0)(
+        CONFIG, jax.random.PRNGKey(seed))))
     params["heads"] = params["heads"] * sharpness  # a peaked, non-uniform policy
     return params
 
@@ -73,9 +75,10 @@ def objective(params):
 
 @pytest.fixture(scope="module")
 def exact():
-    probs = jnp.exp(seq_logprobs(POLICY, ALL_CODES))
+    # The exact quantities are jitted (one compile each, not one per eager op).
+    probs = jnp.exp(jax.jit(seq_logprobs)(POLICY, ALL_CODES))
     assert float(probs.sum()) == pytest.approx(1.0, abs=1e-5)  # the enumeration is complete
-    return jax.grad(objective)(POLICY)
+    return jax.jit(jax.grad(objective))(POLICY)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +87,9 @@ def samples():
     captions = jnp.broadcast_to(jnp.asarray(CAPTION), (NUM_SAMPLES, CAPTION.shape[1]))
     rngs = decoding.example_rngs(jax.random.PRNGKey(3), NUM_SAMPLES)
     codes = decoding.sample(CONFIG, POLICY, captions, rngs, num_frames=FRAMES)["codes"]
-    ref_lp, _, mask = rl.policy_token_stats(CONFIG, REFERENCE, captions, codes)
-    old_lp, _, _ = rl.policy_token_stats(CONFIG, POLICY, captions, codes)
+    token_stats = jax.jit(rl.policy_token_stats, static_argnums=0)
+    ref_lp, _, mask = token_stats(CONFIG, REFERENCE, captions, codes)
+    old_lp, _, _ = token_stats(CONFIG, POLICY, captions, codes)
     rewards, _ = reward_fn({"table": REWARD_TABLE}, captions, codes)
     return dict(captions=captions, codes=codes, ref_lp=ref_lp, old_lp=old_lp, mask=mask,
                 rewards=rewards)
@@ -151,7 +155,7 @@ def test_the_gradient_needs_every_term(kl_estimator, kl_mode, exact, samples):
     cfg = rl.RLConfig(samples_per_caption=GROUP, num_frames=FRAMES, beta=BETA,
                       kl_estimator=kl_estimator, kl_mode=kl_mode)
     kl_only = dict(samples, rewards=jnp.zeros_like(samples["rewards"]))
-    target = jax.tree.map(lambda g: -BETA * g, jax.grad(exact_kl)(POLICY))
+    target = jax.tree.map(lambda g: -BETA * g, exact_kl_gradient(POLICY))
     good = monte_carlo_gradient(cfg, kl_only)
     cosine, ratio = compare(good, target)
     assert cosine > 0.99 and abs(ratio - 1) < 0.03, (cosine, ratio)
@@ -168,6 +172,9 @@ def test_the_gradient_needs_every_term(kl_estimator, kl_mode, exact, samples):
 def exact_kl(params):
     lp = seq_logprobs(params, ALL_CODES)
     return jnp.sum(jnp.exp(lp) * (lp - seq_logprobs(REFERENCE, ALL_CODES)))
+
+
+exact_kl_gradient = jax.jit(jax.grad(exact_kl))
 
 
 @pytest.mark.parametrize("updates_per_batch", [1, 2])
