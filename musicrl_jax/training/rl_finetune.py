@@ -90,14 +90,14 @@ def rl_finetune(lm_config=gin.REQUIRED, init_checkpoint: str = gin.REQUIRED,
                 workdir: str = gin.REQUIRED, *, reference_checkpoint: str | None = None,
                 eval_source: Callable | None = None, prepare_data: Callable | None = None,
                 register_tasks: Callable | None = None, tokenizer_dir: str | None = None,
-                mesh=None) -> dict[str, Any]:
+                train_rl_overrides: dict[str, Any] | None = None, mesh=None) -> dict[str, Any]:
     """Fine-tunes the policy at `init_checkpoint` against `rewards()` (a RewardCombination)
     with a KL penalty to `reference_checkpoint` (default: `init_checkpoint`). The loop's
-    settings (steps, RLConfig, optimizer) are `train_rl`'s gin bindings. `prepare_data()` (if
-    given) returns the data's assets directory, whose tokenizer then decodes logged audio.
-    Writes
-    `workdir/summary.json`: the held-out reward components and KL at the first and last
-    evaluation."""
+    settings (steps, RLConfig, optimizer) are `train_rl`'s gin bindings, except those a study
+    sets per run in `train_rl_overrides` (e.g. {"rl_config": ..., "num_steps": 60}).
+    `prepare_data()` (if given) returns the data's assets directory, whose tokenizer then
+    decodes logged audio. Writes `workdir/summary.json`: the held-out reward components and KL
+    at the first and last evaluation."""
     assets = prepare_data() if prepare_data is not None else None
     if tokenizer_dir is None and assets:
         tokenizer_dir = os.path.join(assets, "tokenizer")
@@ -119,7 +119,8 @@ def rl_finetune(lm_config=gin.REQUIRED, init_checkpoint: str = gin.REQUIRED,
         lm_config=lm_config, policy_params=policy, reference_params=reference,
         reward_fn=combination.reward_fn, reward_params=combination.params,
         caption_source=source, workdir=workdir,
-        eval_source=eval_source() if eval_source else None, mesh=mesh, **extra)
+        eval_source=eval_source() if eval_source else None, mesh=mesh, **extra,
+        **(train_rl_overrides or {}))
     evals = eval_history(workdir)  # includes evaluations from before a resume
     summary = {"init_checkpoint": os.path.abspath(init_checkpoint),
                "reference_checkpoint": reference_dir,
