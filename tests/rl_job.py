@@ -11,15 +11,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from conftest import TINY, toy_task  # noqa: E402
+from conftest import TINY, lm_params, toy_task  # noqa: E402
 from musicrl_jax import partitioning  # noqa: E402
-from musicrl_jax.models import music_lm  # noqa: E402
 from musicrl_jax.training import rl  # noqa: E402
 from test_rl import REWARD_SCALE, RL_CONFIG, toy_reward_fn  # noqa: E402
 
 if __name__ == "__main__":
     workdir, num_steps = sys.argv[1], int(sys.argv[2])
-    params = partitioning.unbox(music_lm.init_params(TINY, jax.random.PRNGKey(0)))
+    params = lm_params(TINY, 0)
     rl.train_rl(lm_config=TINY, policy_params=params,
                 reward_fn=toy_reward_fn, reward_params={"scale": jnp.asarray(REWARD_SCALE)},
                 caption_source=toy_task().train_source, rl_config=RL_CONFIG,

@@ -6,16 +6,13 @@ import dataclasses
 import os
 import types
 
-import flax.linen as nn
 import gin
-import jax
 import numpy as np
 import pytest
 
-from conftest import TINY
+from conftest import TINY, lm_params
 from musicrl_jax import collection, decoding, evaluation, pipeline, raters, rewards
 from musicrl_jax.data import corpus, feedback, musicrl_music, tasks, vocab
-from musicrl_jax.models import music_lm
 from musicrl_jax.training import rl_finetune as rl_finetune_lib
 
 NUM_RATERS, SEED = 10, 0
@@ -29,7 +26,7 @@ def tiny_music(tiny_music_data):
     tasks.register_tasks(data_dir, "tiny")
     size = vocab.load_caption_vocabulary(os.path.join(assets, "vocab")).vocab_size
     config = dataclasses.replace(TINY, caption_vocab_size=size, max_caption_length=48)
-    params = nn.meta.unbox(music_lm.init_params(config, jax.random.PRNGKey(0)))
+    params = lm_params(config, 0)
     return data_dir, assets, config, params
 
 
