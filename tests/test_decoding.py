@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import lm_params
 from musicrl_jax import decoding, partitioning
 from musicrl_jax.decoding import SamplingConfig
 from musicrl_jax.models import music_lm
@@ -25,7 +26,7 @@ def test_sampler_logprobs_equal_teacher_forced_logprobs_in_bfloat16():
                                     embed_dim=128, num_heads=4, head_dim=32, mlp_dim=256,
                                     num_encoder_layers=1, num_decoder_layers=2, max_frames=128,
                                     dtype="bfloat16")
-    params = dict(partitioning.unbox(music_lm.init_params(config, jax.random.PRNGKey(0))))
+    params = dict(lm_params(config, 0))
     params["heads"] = params["heads"] * 8.0
     captions = jax.random.randint(jax.random.PRNGKey(1), (8, 32), 2, 64)
     out = decoding.sample(config, params, captions,
@@ -42,14 +43,14 @@ def test_cached_decoding_equals_full_forward_at_every_step(tiny_config, num_code
     if beat:  # tempo-locked rotary dims, with a tempo piece (id 3 + bpm - 40) in the caption
         config = dataclasses.replace(config, beat_rope_multiples=(0.5, 1.0, 2.0),
                                      frames_per_second=25.0)
-    params = partitioning.unbox(music_lm.init_params(config, jax.random.PRNGKey(1)))
+    params = lm_params(config, 1)
     captions = _captions(config, 2)
     if beat:
         captions = captions.at[:, 1].set(jnp.array([music_lm.TEMPO_FIRST_ID + 80, 0]))
     codes = jax.random.randint(jax.random.PRNGKey(2), (2, config.max_frames, num_codebooks), 0,
                                config.codebook_size)
     delayed = music_lm.apply_delay(codes, config.special_token)
-    full = music_lm.MusicLM(config).apply(
+    full = jax.jit(music_lm.MusicLM(config).apply)(  # one compile, not one per eager op
         {"params": params}, captions, music_lm.decoder_inputs(delayed, config.special_token))
     cached = decoding.cached_logits(config, params, captions, codes)
     assert cached.shape == full.shape == (2, config.max_frames + num_codebooks - 1,
