@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import lm_params
 from musicrl_jax.models import music_lm
 from musicrl_jax.models.music_lm import MusicLM, MusicLMConfig
 
@@ -42,30 +43,31 @@ def _inputs(config, batch=2, seed=0):
 def test_decoder_is_causal_and_uses_caption(tiny_config, tiny_params):
     captions, codes = _inputs(tiny_config)
     inputs = music_lm.decoder_inputs(music_lm.apply_delay(codes, 32), 32)
-    model = MusicLM(tiny_config)
-    logits = model.apply({"params": tiny_params}, captions, inputs)
+    apply = jax.jit(MusicLM(tiny_config).apply)  # one compile for the three passes
+    logits = apply({"params": tiny_params}, captions, inputs)
     assert logits.shape == (2, 13, 2, 32)
     changed = inputs.at[:, 6:].set(5)
-    logits_changed = model.apply({"params": tiny_params}, captions, changed)
+    logits_changed = apply({"params": tiny_params}, captions, changed)
     np.testing.assert_allclose(logits[:, :6], logits_changed[:, :6], atol=1e-5)
     assert not np.allclose(logits[:, 6:], logits_changed[:, 6:], atol=1e-3)
-    other_caption = model.apply({"params": tiny_params}, captions.at[:, 0].add(1), inputs)
+    other_caption = apply({"params": tiny_params}, captions.at[:, 0].add(1), inputs)
     assert not np.allclose(logits, other_caption, atol=1e-3)
 
 
 def test_empty_caption_gives_finite_logits(tiny_config, tiny_params):
     _, codes = _inputs(tiny_config)
     empty = jnp.zeros((2, tiny_config.max_caption_length), jnp.int32)
-    loss, count = music_lm.lm_loss(tiny_config, tiny_params, empty, codes)
+    loss, count = jax.jit(music_lm.lm_loss, static_argnums=0)(tiny_config, tiny_params, empty,
+                                                              codes)
     assert np.isfinite(loss) and int(count) == 2 * 12 * 2
 
 
 def test_remat_and_bfloat16_match_float32(tiny_config, tiny_params):
     captions, codes = _inputs(tiny_config)
 
-    def loss_and_grads(config):
-        return jax.value_and_grad(lambda p: music_lm.lm_loss(config, p, captions, codes)[0])(
-            tiny_params)
+    def loss_and_grads(config):  # jitted: one compile per config, not one per eager op
+        return jax.jit(jax.value_and_grad(
+            lambda p: music_lm.lm_loss(config, p, captions, codes)[0]))(tiny_params)
 
     loss, grads = loss_and_grads(tiny_config)
     remat_loss, remat_grads = loss_and_grads(dataclasses.replace(tiny_config, remat="full"))
@@ -141,11 +143,11 @@ def test_the_caption_tempo_changes_only_beat_rope_models(tiny_config):
     inputs = music_lm.decoder_inputs(music_lm.apply_delay(codes, 32), 32)
     for beat, differs in ((BEAT, True), ({}, False)):
         config = dataclasses.replace(tiny_config, caption_vocab_size=400, **beat)
-        params = nn.meta.unbox(music_lm.init_params(config, jax.random.PRNGKey(1)))
+        params = lm_params(config, 1)
         table = params["caption_embed"]["embedding"]
         params["caption_embed"]["embedding"] = table.at[first + 40].set(table[first + 80])
-        logits = MusicLM(config).apply({"params": params}, captions,
-                                       jnp.concatenate([inputs, inputs]))
+        logits = jax.jit(MusicLM(config).apply)({"params": params}, captions,
+                                                jnp.concatenate([inputs, inputs]))
         gap = float(jnp.abs(logits[0] - logits[1]).max())
         assert (gap > 1e-3) == differs, (beat, gap)
 
