@@ -6,9 +6,18 @@ tests can check `music_lm.token_logprobs` and everything built on it against val
 not compute itself.
 """
 
+import functools
+
+import jax
 import numpy as np
 
 from musicrl_jax.models import music_lm
+
+
+@functools.lru_cache(maxsize=None)
+def _raw_logits(config):
+    """`MusicLM(config).apply`, jitted: one compile per shape, not one per eager op."""
+    return jax.jit(music_lm.MusicLM(config).apply)
 
 
 def delayed_targets(codes, special):
@@ -29,7 +38,7 @@ def log_softmax_by_hand(config, params, captions, codes, temperature=1.0):
     targets, mask = delayed_targets(np.asarray(codes), config.special_token)
     bos = np.full_like(targets[:, :1], config.special_token)
     inputs = np.concatenate([bos, targets[:, :-1]], axis=1)  # input t is target t - 1
-    logits = np.asarray(music_lm.MusicLM(config).apply(
+    logits = np.asarray(_raw_logits(config)(
         {"params": params}, np.asarray(captions, np.int32), inputs), np.float64) / temperature
     shifted = logits - logits.max(-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)), targets, mask

@@ -203,8 +203,8 @@ def test_policy_token_stats_match_a_forward_pass_done_by_hand(tiny_config, tiny_
     captions = _captions(tiny_config, 2)
     codes = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (2, 8, tiny_config.num_codebooks),
                                           0, tiny_config.codebook_size))
-    token_lp, entropy, mask = rl.policy_token_stats(tiny_config, tiny_params,
-                                                    jnp.asarray(captions), jnp.asarray(codes))
+    token_lp, entropy, mask = jax.jit(rl.policy_token_stats, static_argnums=0)(
+        tiny_config, tiny_params, jnp.asarray(captions), jnp.asarray(codes))
     log_probs, targets, want_mask = lm_by_hand.log_softmax_by_hand(tiny_config, tiny_params,
                                                                    captions, codes)
     shape = token_lp.shape
