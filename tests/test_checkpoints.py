@@ -158,8 +158,9 @@ def test_restore_onto_a_different_mesh(tmp_path):
 
 def test_wrong_kind_and_missing_checkpoints_are_clear_errors(tmp_path):
     task = toy_task()
+    # The restore test's run (the same compiled steps: compilation cache hits).
     trainer.train(task=task, workdir=str(tmp_path / "run"), mesh=partitioning.make_mesh(),
-                  num_steps=1, batch_size=8, eval_every=0, checkpoint_every=1,
+                  num_steps=3, batch_size=8, eval_every=0, checkpoint_every=3,
                   show_progress=False)
     wrong = Checkpointer(str(tmp_path / "run" / "checkpoints"), kind="quality_model")
     with pytest.raises(ConfigError, match="holds a 'music_lm' model, but a 'quality_model'"):

@@ -48,11 +48,12 @@ def test_another_run_on_other_tokens_is_a_clear_error(other_run, tmp_path):
 
 
 def test_without_a_longer_run_the_demo_pretrains(tmp_path):
-    gin.parse_config(["pretrain/train.num_steps = 2", "pretrain/train.batch_size = 8",
-                      "pretrain/train.eval_every = 2", "pretrain/train.show_progress = False"])
+    # other_run's settings: the same compiled train and eval steps (compilation cache hits).
+    gin.parse_config(["pretrain/train.num_steps = 3", "pretrain/train.batch_size = 8",
+                      "pretrain/train.eval_every = 3", "pretrain/train.show_progress = False"])
     directory, config, _, step = pipeline.pretrained_lm_stage(
         toy_task, str(tmp_path / "demo"), str(tmp_path / "missing"))
-    assert directory == str(tmp_path / "demo" / "pretrain") and step == 2 and config == TINY
+    assert directory == str(tmp_path / "demo" / "pretrain") and step == 3 and config == TINY
 
 
 def test_a_run_directory_refuses_another_lm(tmp_path):
