@@ -113,7 +113,8 @@ def test_preference_trunk_starts_from_a_pretrained_music_lm(tmp_path):
     # A checkpoint of another model is refused with the kinds named.
     wrong = QualityRewardTask(config=TINY, init_from_music_lm=str(tmp_path / "nowhere"))
     with pytest.raises(ConfigError, match="No music_lm checkpoint directory"):
-        wrong.init_params(jax.random.PRNGKey(0))
+        # Jitted like the trainer's init: refused while tracing, no eager init compiled first.
+        jax.jit(wrong.init_params)(jax.random.PRNGKey(0))
 
 
 def _rating(i, **overrides):
