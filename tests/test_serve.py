@@ -23,10 +23,10 @@ def rl_run(tmp_path_factory, tiny_config, tiny_params, tiny_tokenizer):
     vocab.train_caption_vocabulary(TRAINING_CAPTIONS * 20, str(assets / "vocab"), vocab_size=40,
                                    tempo_pieces=False)  # TINY embeds 64 caption ids
     task = toy_task()
-    result = rl.train_rl(
+    result = rl.train_rl(  # no held-out evals: they do not enter the checkpoint
         lm_config=tiny_config, policy_params=tiny_params, reward_fn=toy_reward_fn,
         reward_params={"scale": jnp.asarray(REWARD_SCALE)}, caption_source=task.train_source,
-        eval_source=task.eval_source, num_eval_captions=4, eval_every=2, rl_config=RL_CONFIG,
+        rl_config=RL_CONFIG,
         # The trainer's optimizer, as the demo's RL stages use: restoring a checkpoint rebuilds
         # its state layout (an optimizer of another structure would not restore).
         tx=trainer.make_optimizer(total_steps=2, learning_rate=5e-2, warmup_steps=0)[0],
