@@ -91,26 +91,34 @@ def test_generate_in_fresh_process_matches_decoding_sample(exported, tiny_params
         f"prefixes = {FORBIDDEN_MODULES!r}\n"
         "print('LOADED=' + json.dumps(sorted(m for m in sys.modules\n"
         "      if any(m == p or m.startswith(p + '.') for p in prefixes))))\n")
-    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                            text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = json.loads(result.stdout.split("LOADED=")[-1])
-    assert loaded == [], f"generate imported training-stack modules: {loaded}"
-
-    sentencepiece = vocab.load_caption_vocabulary(str(exported["root"] / "assets" / "vocab"))
-    hop = json.load(open(os.path.join(exported["artifact"], "tokenizer", "config.json")))[
-        "hop_length"]
-    for i, (temperature, guidance) in enumerate(settings):
-        out = np.load(tmp_path / f"run{i}" / "codes.npz")
-        tokens = out["caption_tokens"]
-        for row, caption in zip(tokens, CAPTIONS):  # the data pipeline's tokens: pieces + EOS
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # While it runs: the data pipeline's tokens (pieces + EOS, padded) and decoding.sample's
+    # codes from them, checked against the fresh process's below.
+    try:
+        sentencepiece = vocab.load_caption_vocabulary(
+            str(exported["root"] / "assets" / "vocab"))
+        tokens = np.zeros((len(CAPTIONS), TINY.max_caption_length), np.int32)
+        for row, caption in zip(tokens, CAPTIONS):
             ids = [*sentencepiece.encode(caption), decoding.EOS_ID]
-            np.testing.assert_array_equal(row, ids + [0] * (len(row) - len(ids)))
-        expected = decoding.sample(
+            row[:len(ids)] = ids
+        expected = [decoding.sample(
             TINY, tiny_params, tokens, decoding.example_rngs(jax.random.PRNGKey(3), len(tokens)),
             num_frames=TINY.max_frames,
             sampling=decoding.SamplingConfig(temperature=temperature, guidance_weight=guidance))
-        np.testing.assert_array_equal(out["codes"], np.asarray(expected["codes"]))
+            for temperature, guidance in settings]
+    finally:
+        stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    loaded = json.loads(stdout.split("LOADED=")[-1])
+    assert loaded == [], f"generate imported training-stack modules: {loaded}"
+
+    hop = json.load(open(os.path.join(exported["artifact"], "tokenizer", "config.json")))[
+        "hop_length"]
+    for i in range(len(settings)):
+        out = np.load(tmp_path / f"run{i}" / "codes.npz")
+        np.testing.assert_array_equal(out["caption_tokens"], tokens)
+        np.testing.assert_array_equal(out["codes"], np.asarray(expected[i]["codes"]))
         wavs = sorted(p for p in os.listdir(tmp_path / f"run{i}") if p.endswith(".wav"))
         assert len(wavs) == len(CAPTIONS)
         audio, rate = sf.read(tmp_path / f"run{i}" / wavs[-1])
