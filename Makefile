@@ -10,7 +10,7 @@ TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
   DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq
 
-.PHONY: install system-deps browser-deps demo test bench clean
+.PHONY: install system-deps browser-deps demo test bench evidence clean
 
 install: system-deps $(VENV)/.installed
 
@@ -36,6 +36,13 @@ $(VENV)/.installed: setup.py requirements.lock
 
 demo: install
 	$(PY) -m musicrl_jax.main --gin_file=local/demo.gin --gin_bindings="RUN_DIR='$(RUN_DIR)'"
+
+# The studies of docs/RESULTS.md on the demo's LM (run `make demo` first); resumable.
+evidence: install
+	$(PY) -m musicrl_jax.main --gin_file=evidence/reward_scaling.gin \
+	  --gin_bindings="reward_scaling.lm_dir='$(RUN_DIR)/pretrain'"
+	$(PY) -m musicrl_jax.main --gin_file=evidence/overoptimisation.gin \
+	  --gin_bindings="overoptimisation.lm_dir='$(RUN_DIR)/pretrain'"
 
 test: install browser-deps
 	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q --durations=15 tests
