@@ -16,9 +16,14 @@ spectrum listener judges on a worker thread while the next batch samples. With t
 corpus present, it also prints how often the panel's expected preference between two
 tokenized corpus clips is the same for both listeners, and for two Griffin-Lim seeds.
 
+With --before REV it also times the collection code of git revision REV (extracted with
+`git archive`, run in a subprocess) on the same LM, tokenizer, prompts and batch size, and
+prints after/before: a421b72 is the last revision before the spectrum listener.
+
 Usage (after `make demo` or the data build, which fit the tokenizer):
   python benchmarks/collection.py
   python benchmarks/collection.py --pairs 256 --batch_size 32
+  python benchmarks/collection.py --lm_dir runs/demo/pretrain --pairs 256 --before a421b72
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import pickle
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,6 +66,10 @@ def parse_args(argv=None):
                              "(default: random weights)")
     parser.add_argument("--griffin_lim_iters", type=int, default=16,
                         help="the tokenizer's (a fresh demo fits it with 16)")
+    parser.add_argument("--before", default=None, metavar="REV",
+                        help="also time collection.collect of this git revision (e.g. a421b72)")
+    parser.add_argument("--before_griffin_lim_iters", type=int, default=32,
+                        help="Griffin-Lim iterations for --before (32: a421b72's default)")
     parser.add_argument("--agreement_clips", type=int, default=128,
                         help="tokenized corpus clips for the listener agreement (0: skip)")
     return parser.parse_args(argv)
@@ -92,6 +103,52 @@ def timed(fn):
     start = time.perf_counter()
     out = jax.block_until_ready(fn())
     return out, time.perf_counter() - start
+
+
+# Runs against an older tree, so it uses only what `collect` has always taken.
+_BEFORE_TIMING = """
+import dataclasses, os, pickle, sys, tempfile, time
+from musicrl_jax import collection, partitioning, raters
+from musicrl_jax.audio.tokenizer import load_tokenizer
+from musicrl_jax.models import music_lm
+job = pickle.load(open(sys.argv[1], "rb"))
+tokenizer = load_tokenizer(job["tokenizer_dir"])
+tokenizer.griffin_lim_iters = job["griffin_lim_iters"]
+fields = {f.name for f in dataclasses.fields(music_lm.MusicLMConfig)}
+config = music_lm.MusicLMConfig(**{k: v for k, v in job["config"].items() if k in fields})
+setup = dict(lm_config=config, params=job["params"], tokenizer=tokenizer,
+             panel=raters.RaterPanel.sample(40, 0), prompts=collection.Prompts(*job["prompts"]),
+             batch_size=job["batch_size"], num_frames=job["frames"], show_progress=False,
+             mesh=partitioning.make_mesh())
+with tempfile.TemporaryDirectory() as tmp:
+    collection.collect("preferences", os.path.join(tmp, "warmup"), num_items=job["batch_size"],
+                       **setup)
+    start = time.perf_counter()
+    collection.collect("preferences", os.path.join(tmp, "timed"), num_items=job["pairs"], **setup)
+    print("CLIPS_PER_S", 2 * job["pairs"] / (time.perf_counter() - start))
+"""
+
+
+def time_revision(revision: str, job: dict) -> float:
+    """Judged clips/s of `collect` as it was at `revision` (same job, fresh process)."""
+    with tempfile.TemporaryDirectory() as tree:
+        archive = subprocess.run(["git", "-C", REPO_ROOT, "archive", revision, "musicrl_jax"],
+                                 capture_output=True)
+        if archive.returncode:
+            raise SystemExit(f"--before={revision}: git cannot read that revision "
+                             f"({archive.stderr.decode().strip()}). Fix: pass a commit of "
+                             "this repository, e.g. a421b72.")
+        subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
+        job_path = os.path.join(tree, "job.pkl")
+        with open(job_path, "wb") as f:
+            pickle.dump(job, f)
+        run = subprocess.run([sys.executable, "-c", _BEFORE_TIMING, job_path], cwd=tree,
+                             env={**os.environ, "PYTHONPATH": tree}, capture_output=True,
+                             text=True)
+        lines = [l for l in run.stdout.splitlines() if l.startswith("CLIPS_PER_S")]
+        if run.returncode or not lines:
+            raise SystemExit(f"--before={revision}: its collection failed:\n{run.stderr[-2000:]}")
+        return float(lines[-1].split()[1])
 
 
 def listener_agreement(tokenizer, corpus_dir: str, count: int, panel, seed: int = 0):
@@ -180,6 +237,18 @@ def main(argv=None):
           + "; per clip: " + ", ".join(f"{k} {v:.0f} ms" for k, v in per_clip.items()),
           flush=True)
     result.update({f"{k.replace(' ', '_').replace('-', '_')}_ms": v for k, v in per_clip.items()})
+    if args.before:
+        job = dict(tokenizer_dir=args.tokenizer_dir,
+                   griffin_lim_iters=args.before_griffin_lim_iters,
+                   config=dataclasses.asdict(config), params=jax.device_get(params),
+                   prompts=dataclasses.astuple(setup["prompts"]), batch_size=args.batch_size,
+                   frames=args.frames, pairs=args.pairs)
+        before = time_revision(args.before, job)
+        after = result["spectrum_clips_per_s"]
+        print(f"collect at {args.before} (Griffin-Lim {args.before_griffin_lim_iters} "
+              f"iterations): {before:.2f} judged clips/s; now: {after:.2f} "
+              f"(spectrum listener): {after / before:.1f}x", flush=True)
+        result.update(before_clips_per_s=before, speedup=after / before)
     corpus_dir = os.path.join(os.path.dirname(args.tokenizer_dir), "corpus")
     if args.agreement_clips and os.path.isdir(corpus_dir):
         same, seeds = listener_agreement(tokenizer, corpus_dir, args.agreement_clips, panel)

@@ -222,3 +222,27 @@ def test_rl_loop_killed_or_preempted_resumes_to_the_uninterrupted_run(tmp_path, 
         resumed = _rl_rows(run_dir)
         assert sorted(resumed) == list(range(1, 41)), run_dir
         assert [resumed[s] for s in range(1, 41)] == [expected[s] for s in range(1, 41)], run_dir
+
+
+def test_sigterm_during_an_unforced_save_still_saves_the_step_it_stops_at(tmp_path,
+                                                                         monkeypatch):
+    """A preemption notice that lands while a step's (skipped) save runs must not end the loop
+    on an unsaved step: the loop reads the flag once per step, so it saves the next one."""
+    signalled = []
+    original_save = Checkpointer.save
+
+    def save_then_preempt(self, step, state, meta=None, force=False):
+        result = original_save(self, step, state, meta=meta, force=force)
+        if not signalled:
+            signalled.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)  # the PreemptionFlag handler takes it
+        return result
+
+    monkeypatch.setattr(Checkpointer, "save", save_then_preempt)
+    workdir = tmp_path / "run"
+    # The restore test's run (the same compiled steps: compilation cache hits).
+    trainer.train(task=toy_task(), workdir=str(workdir), mesh=partitioning.make_mesh(),
+                  num_steps=3, batch_size=8, eval_every=0, checkpoint_every=3,
+                  show_progress=False)
+    assert signalled == [1]
+    assert Checkpointer(str(workdir / "checkpoints")).latest_step() == 2

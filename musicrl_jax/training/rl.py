@@ -680,10 +680,11 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
                 if eval_fn and (done % eval_every == 0 or done == num_steps):
                     run_eval(done)
                     log.restart_clock(done)
-                checkpointer.save(done, state, meta=model_meta,
-                                  force=done == num_steps or preemption.requested)
+                # Read once: a SIGTERM arriving during the save must not stop an unsaved step.
+                stop = preemption.requested
+                checkpointer.save(done, state, meta=model_meta, force=done == num_steps or stop)
                 log.progress.update(1)
-                if preemption.requested:
+                if stop:
                     logging.warning("SIGTERM: saved RL step %d, stopping.", done)
                     break
     finally:

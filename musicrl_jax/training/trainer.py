@@ -318,10 +318,11 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
                 if eval_every and (done % eval_every == 0 or done == num_steps):
                     eval_metrics = run_eval(done)
                     log.restart_clock(done)
-                checkpointer.save(done, state, meta=model_meta,
-                                  force=done == num_steps or preemption.requested)
+                # Read once: a SIGTERM arriving during the save must not stop an unsaved step.
+                stop = preemption.requested
+                checkpointer.save(done, state, meta=model_meta, force=done == num_steps or stop)
                 log.progress.update(1)
-                if preemption.requested:
+                if stop:
                     logging.warning("SIGTERM: saved step %d, stopping.", done)
                     break
             step = int(state.step)
