@@ -4,6 +4,7 @@ Data are simulated (musicrl_jax/data/feedback.py): captions determine the toy to
 and preferences are known functions of the tokens plus noise.
 """
 
+import dataclasses
 import json
 import os
 
@@ -17,6 +18,7 @@ from musicrl_jax import partitioning
 from musicrl_jax.checkpoints import Checkpointer
 from musicrl_jax.data import feedback
 from musicrl_jax.errors import ConfigError
+from musicrl_jax.models import reward_models
 from musicrl_jax.training import reward_tasks, trainer
 from musicrl_jax.training.reward_tasks import (PreferenceRewardTask, QualityRewardTask,
                                                TextRewardTask)
@@ -181,3 +183,49 @@ def test_malformed_preferences_and_missing_directory(tmp_path):
         feedback.read_records(str(tmp_path), "preferences")
     with pytest.raises(ConfigError, match="No preferences directory"):
         feedback.preferences_source(str(tmp_path / "missing"))
+
+
+def test_spectral_summary_hears_the_tokenizers_decoded_log_mel(tiny_tokenizer, tmp_path):
+    """With spectral_tokenizer, the audio tower starts from the tokenizer's codebooks, so its
+    statistics are those of tokens_to_log_mel over the real frames (padding is not heard)."""
+    tiny_tokenizer.save(str(tmp_path / "tokenizer"))
+    task = PreferenceRewardTask(config=TINY, num_audio_layers=1,
+                                spectral_tokenizer=str(tmp_path / "tokenizer"))
+    params = jax.jit(lambda rng: partitioning.unbox(task.init_params(rng)))(
+        jax.random.PRNGKey(0))
+    summary = reward_models.SpectralSummary(TINY.num_codebooks, TINY.codebook_size,
+                                            tiny_tokenizer.n_mels)
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, TINY.codebook_size, (3, TINY.max_frames, TINY.num_codebooks))
+    mask = np.ones(codes.shape[:2], np.int32)
+    mask[1, 9:] = 0
+    out = np.asarray(summary.apply({"params": params["audio_tower"]["spectral"]}, codes, mask))
+    noisy = codes.copy()
+    noisy[1, 9:] = rng.integers(0, TINY.codebook_size, noisy[1, 9:].shape)
+    np.testing.assert_array_equal(
+        out, summary.apply({"params": params["audio_tower"]["spectral"]}, noisy, mask))
+
+    bins = tiny_tokenizer.n_mels
+    for row, frames in ((0, TINY.max_frames), (1, 9)):
+        log_mel = tiny_tokenizer.tokens_to_log_mel(codes[row, :frames])  # [frames, bins]
+        np.testing.assert_allclose(out[row, :bins], log_mel.mean(0), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(out[row, bins:2 * bins], log_mel.std(0), rtol=1e-3,
+                                   atol=1e-3)
+        np.testing.assert_allclose(out[row, 2 * bins:3 * bins], log_mel.max(0), rtol=1e-4,
+                                   atol=1e-4)
+        energy = np.log(np.exp(log_mel).sum(-1))
+        np.testing.assert_allclose(out[row, 4 * bins:4 * bins + 3],
+                                   [energy.mean(), energy.std(), energy.max()], rtol=1e-4,
+                                   atol=1e-4)
+        onset = np.maximum(np.diff(log_mel, axis=0), 0).mean(-1)
+        onset -= onset.mean()
+        lag4 = (onset[4:] * onset[:-4]).sum() / (onset * onset).sum()
+        np.testing.assert_allclose(out[row, 4 * bins + 3], lag4, rtol=1e-4, atol=1e-5)
+
+    # A tokenizer of another shape is refused, naming the parameter and the fix.
+    other = PreferenceRewardTask(config=dataclasses.replace(TINY, codebook_size=16),
+                                 spectral_tokenizer=str(tmp_path / "tokenizer"))
+    with pytest.raises(ConfigError, match="log_mel_codebooks.*Fix: size the reward model"):
+        jax.jit(other.init_params)(jax.random.PRNGKey(0))
+    with pytest.raises(ConfigError, match="spectral_tokenizer=.*nowhere"):
+        PreferenceRewardTask(config=TINY, spectral_tokenizer=str(tmp_path / "nowhere")).model()

@@ -174,6 +174,9 @@ class _RewardTask(abc.ABC):
     # A music_lm run (or checkpoints) directory: copy its audio embedding (and text encoder,
     # where the model has one) into the initial params; see reward_models.init_from_music_lm.
     init_from_music_lm: str | None = None
+    # A fitted mel-RVQ tokenizer directory: the audio tower adds statistics of the decoded
+    # log-mel (reward_models.SpectralSummary), starting from this tokenizer's codebooks.
+    spectral_tokenizer: str | None = None
     eval_batch_size: int = 64
 
     @abc.abstractmethod
@@ -189,12 +192,41 @@ class _RewardTask(abc.ABC):
         """Boxed params, freshly initialised (the checkpoint-restore template)."""
         return self.model().init(rng, *self._example_inputs(), method="score")["params"]
 
+    @property
+    def spectral_bins(self) -> int:
+        """Mel bands of `spectral_tokenizer` (0: no spectral summary)."""
+        return self._spectral_codebooks()[0].shape[-1] if self.spectral_tokenizer else 0
+
+    def _spectral_codebooks(self) -> tuple[np.ndarray, np.ndarray]:
+        """(codebooks [K, size, bins], band means [bins]) in natural-log mel power."""
+        if getattr(self, "_codebooks", None) is None:
+            from musicrl_jax.audio.tokenizer import load_tokenizer
+            try:
+                tokenizer = load_tokenizer(self.spectral_tokenizer)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"{type(self).__name__}.spectral_tokenizer="
+                                  f"{self.spectral_tokenizer}: {e}") from None
+            codebooks = getattr(tokenizer, "codebooks", None)
+            if codebooks is None:
+                raise ConfigError(
+                    f"{type(self).__name__}.spectral_tokenizer={self.spectral_tokenizer}: "
+                    f"a {type(tokenizer).__name__} has no log-mel codebooks. Fix: point it at "
+                    "the mel-RVQ tokenizer that made the audio codes, or unset it.")
+            scale = np.asarray(tokenizer.mel_std, np.float32)  # undo the normalisation
+            self._codebooks = (np.asarray(codebooks, np.float32) * scale,
+                               np.broadcast_to(np.asarray(tokenizer.mel_mean, np.float32),
+                                               codebooks.shape[-1:]).copy())
+        return self._codebooks
+
     def init_params(self, rng):
         params = self.fresh_params(rng)
-        if not self.init_from_music_lm:
+        if not (self.init_from_music_lm or self.spectral_tokenizer):
             return params
-        lm_params = self._pretrained_lm_params()
-        values, _ = reward_models.init_from_music_lm(nn.meta.unbox(params), lm_params)
+        values = nn.meta.unbox(params)
+        if self.init_from_music_lm:
+            values, _ = reward_models.init_from_music_lm(values, self._pretrained_lm_params())
+        if self.spectral_tokenizer:
+            values = reward_models.init_from_tokenizer(values, *self._spectral_codebooks())
         return partitioning.rebox(params, values)
 
     def _pretrained_lm_params(self):
@@ -233,7 +265,7 @@ class TextRewardTask(_RewardTask):
     def model(self):
         return reward_models.TextAudioDualEncoder(
             self.config, self.num_audio_layers, self.projection_dim, self.initial_temperature,
-            self.max_logit_scale)
+            self.max_logit_scale, self.spectral_bins)
 
     def loss(self, params, batch, rng):
         del rng
@@ -301,7 +333,7 @@ class QualityRewardTask(_RewardTask):
     kind: str = "quality_reward"
 
     def model(self):
-        return reward_models.QualityModel(self.config, self.num_audio_layers)
+        return reward_models.QualityModel(self.config, self.num_audio_layers, self.spectral_bins)
 
     def loss(self, params, batch, rng):
         del rng
@@ -341,7 +373,7 @@ class PreferenceRewardTask(_RewardTask):
 
     def model(self):
         return reward_models.PreferenceModel(self.config, self.num_audio_layers,
-                                             self.use_caption)
+                                             self.use_caption, self.spectral_bins)
 
     def score_pair(self, params, batch):
         """(s_a, s_b) [batch] from one forward pass over both clips."""
