@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from evidence import gold_reward, reward_scaling
+from evidence import gold_reward, headline, reward_scaling
 from musicrl_jax import collection, raters, rewards
 from musicrl_jax.audio import features
 from musicrl_jax.errors import ConfigError
@@ -74,3 +74,23 @@ def test_pearson_interval_is_fisher_z():
     assert high == pytest.approx(math.tanh(math.atanh(0.5) + 1.96 / 10), rel=1e-9)
     assert reward_scaling._steps(16384, 3.0, 32, 100, 3000) == 1536
     assert reward_scaling._steps(256, 3.0, 32, 100, 3000) == 100
+
+
+def test_the_headline_pools_the_seeds_judgements():
+    seed_0 = {"wins": 120, "ties": 10, "losses": 70}
+    seed_1 = {"wins": 90, "ties": 20, "losses": 100}
+    pooled = headline.pooled_win_rate([seed_0, seed_1])
+    assert pooled.n == 410 and (pooled.wins, pooled.ties, pooled.losses) == (210, 30, 170)
+    assert pooled.rate == pytest.approx((210 + 15) / 410)
+    alone = raters.win_rate([0] * 120 + [0.5] * 10 + [1] * 70)
+    assert pooled.high - pooled.low < alone.high - alone.low  # twice the judgements
+
+
+def test_the_headline_gin_file_names_a_job_with_its_studies_inputs():
+    import gin
+    from musicrl_jax import main as main_lib
+    main_lib.parse_gin(["evidence/headline.gin"], [])
+    dirs = gin.query_parameter("headline.reward_dirs")
+    assert set(dirs) == {"quality", "preference"}
+    assert all(d.startswith("runs/evidence/reward_scaling/") for d in dirs.values())
+    assert gin.query_parameter("PreferenceRewardTask.use_caption") is True
