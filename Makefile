@@ -43,6 +43,8 @@ evidence: install
 	  --gin_bindings="reward_scaling.lm_dir='$(RUN_DIR)/pretrain'"
 	$(PY) -m musicrl_jax.main --gin_file=evidence/overoptimisation.gin \
 	  --gin_bindings="overoptimisation.lm_dir='$(RUN_DIR)/pretrain'"
+	$(PY) -m musicrl_jax.main --gin_file=evidence/headline.gin \
+	  --gin_bindings="headline.lm_dir='$(RUN_DIR)/pretrain'"
 
 test: install browser-deps
 	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q --durations=15 tests
