@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 _MASKED = -1e9  # finite so a fully masked row (empty caption) gives uniform weights, not NaN
@@ -30,6 +32,29 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
         return (normed * scale).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with scale and bias (MusicGen's decoder norm), computed in float32."""
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        features = (x.shape[-1],)
+        scale = param_with_axes(self, "scale", nn.initializers.ones, features, ("embed",))
+        bias = param_with_axes(self, "bias", nn.initializers.zeros, features, ("embed",))
+        x32 = x.astype(jnp.float32)
+        centred = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        variance = jnp.mean(centred * centred, axis=-1, keepdims=True)
+        return (centred * jax.lax.rsqrt(variance + self.epsilon) * scale + bias).astype(self.dtype)
+
+
+def make_norm(kind: str, epsilon: float, dtype, name: str | None = None) -> nn.Module:
+    """'rms' (RMSNorm, also T5's LayerNorm) or 'layer' (LayerNorm with bias)."""
+    if kind == "layer":
+        return LayerNorm(epsilon=epsilon, dtype=dtype, name=name)
+    return RMSNorm(epsilon=epsilon, dtype=dtype, name=name)
 
 
 class Embed(nn.Module):
@@ -78,6 +103,35 @@ def beat_rope(x, positions, beat_radians, multiples: tuple[float, ...]):
                            axis=-1)
 
 
+def sinusoidal_positions(positions, features: int):
+    """[length, features] MusicGen's (tensor2tensor) table: cos in the first half, sin in the
+    second, frequencies 10000 ** (-i / (half - 1))."""
+    half = features // 2
+    inv_freq = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -(jnp.log(10_000.0) / (half - 1)))
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    table = jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+    return jnp.pad(table, ((0, 0), (0, features % 2)))
+
+
+def relative_position_buckets(query_length: int, key_length: int, num_buckets: int,
+                              max_distance: int) -> np.ndarray:
+    """[query_length, key_length] T5's bidirectional relative-position buckets: half the
+    buckets per direction (keys after the query in the upper half), exact below half of that,
+    log-spaced up to max_distance. numpy float32 at trace time, rounding like torch's float32
+    ops, so bucket edges (e.g. distance 16 of T5-base) fall the same way."""
+    relative = np.arange(key_length)[None, :] - np.arange(query_length)[:, None]
+    half = num_buckets // 2
+    buckets = np.where(relative > 0, half, 0)
+    distance = np.abs(relative)
+    max_exact = half // 2
+    # max(distance, 1): log(0) is only taken where the exact branch wins.
+    scaled = np.maximum(distance, 1).astype(np.float32) / np.float32(max_exact)
+    large = max_exact + (np.log(scaled) / np.float32(math.log(max_distance / max_exact))
+                         * np.float32(half - max_exact)).astype(np.int64)
+    large = np.minimum(large, half - 1)
+    return buckets + np.where(distance < max_exact, distance, large)
+
+
 class Attention(nn.Module):
     """Multi-head attention; self-attention (RoPE, optional KV cache) or cross-attention.
 
@@ -93,6 +147,8 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     cross: bool = False
     beat_multiples: tuple[float, ...] = ()  # self-attention only; see `beat_rope`
+    positions: str = "rope"  # self-attention: rope | none (positions enter elsewhere)
+    scaled: bool = True  # False: no 1/sqrt(head_dim) on the logits (T5)
 
     def _kernel(self, name, features):
         return param_with_axes(self, name, nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
@@ -118,9 +174,11 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, kv_input=None, mask=None, *, decode: bool = False,
-                 decode_length: int | None = None, beat_radians=None):
+                 decode_length: int | None = None, beat_radians=None, bias=None):
         """x: [batch, q_len, embed]. mask: [batch, 1|heads, q_len, kv_len] booleans (True = attend).
         beat_radians [batch]: the beat frequency `beat_rope` needs when `beat_multiples` is set.
+        bias: [1|batch, heads, q_len, kv_len] added to the logits (T5's relative positions;
+        full-sequence path only).
 
         For decoding self-attention, q_len == 1 and the mask is derived from the cache index.
         """
@@ -139,7 +197,7 @@ class Attention(nn.Module):
                 key, positions, beat_radians)
 
         weights = self._weights(jnp.einsum("bqhd,bkhd->bhqk", query, key,
-                                           preferred_element_type=jnp.float32), mask)
+                                           preferred_element_type=jnp.float32), mask, bias)
         attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value,
                               preferred_element_type=jnp.float32).astype(self.dtype)
         attended = constrain(attended, ("batch", "length", "heads", "kv"))
@@ -148,11 +206,17 @@ class Attention(nn.Module):
         return constrain(out, ("batch", "length", "embed"))
 
     def _position(self, x, positions, beat_radians):
+        if self.positions == "none":
+            return x
         return beat_rope(x, positions, beat_radians, self.beat_multiples)
 
-    def _weights(self, logits, mask):
+    def _weights(self, logits, mask, bias=None):
         """Scaled, masked softmax over keys, computed in float32."""
-        logits = logits.astype(jnp.float32) * self.head_dim ** -0.5
+        logits = logits.astype(jnp.float32)
+        if self.scaled:
+            logits = logits * self.head_dim ** -0.5
+        if bias is not None:
+            logits = logits + bias.astype(jnp.float32)
         if mask is not None:
             logits = jnp.where(mask, logits, _MASKED)
         return jax.nn.softmax(logits, axis=-1).astype(self.dtype)
@@ -226,4 +290,30 @@ class MLP(nn.Module):
         hidden = gated * jnp.matmul(x, up.astype(self.dtype), preferred_element_type=f32)
         hidden = constrain(hidden.astype(self.dtype), ("batch", "length", "mlp"))
         out = jnp.matmul(hidden, down.astype(self.dtype), preferred_element_type=f32)
+        return constrain(out, ("batch", "length", "embed"))
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # torch's default GELU (erf)
+    "relu": nn.relu,
+}
+
+
+class DenseMLP(nn.Module):
+    """Ungated feed-forward wi -> activation -> wo, no biases (MusicGen's fc1/fc2, T5's relu)."""
+    mlp_dim: int
+    dtype: Dtype = jnp.float32
+    activation: str = "gelu"  # gelu (exact) | relu
+
+    @nn.compact
+    def __call__(self, x):
+        embed = x.shape[-1]
+        init = nn.initializers.lecun_normal()
+        wi = param_with_axes(self, "wi", init, (embed, self.mlp_dim), ("embed", "mlp"))
+        wo = param_with_axes(self, "wo", init, (self.mlp_dim, embed), ("mlp", "embed"))
+        x, f32 = x.astype(self.dtype), jnp.float32
+        hidden = _ACTIVATIONS[self.activation](
+            jnp.matmul(x, wi.astype(self.dtype), preferred_element_type=f32))
+        hidden = constrain(hidden.astype(self.dtype), ("batch", "length", "mlp"))
+        out = jnp.matmul(hidden, wo.astype(self.dtype), preferred_element_type=f32)
         return constrain(out, ("batch", "length", "embed"))

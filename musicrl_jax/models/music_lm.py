@@ -16,7 +16,9 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from musicrl_jax.models.layers import MLP, Attention, Embed, RMSNorm, constrain
+from musicrl_jax.models.layers import (MLP, Attention, DenseMLP, Embed, RMSNorm, constrain,
+                                       make_norm, param_with_axes, relative_position_buckets,
+                                       sinusoidal_positions)
 
 _REMAT_POLICIES = {
     "full": None,
@@ -29,6 +31,16 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # so the model can read a caption's tempo as a number (`beat_radians`).
 TEMPO_BPMS = range(40, 241)
 TEMPO_FIRST_ID = 3  # after pad 0, eos 1, unk 2
+EOS_ID = 1
+
+_CHOICES = {
+    "positions": ("rope", "sinusoidal"),
+    "norm": ("rms", "layer"),
+    "mlp": ("gated_gelu", "gelu"),
+    "text_encoder": ("native", "t5"),
+    "text_mlp": ("gated_gelu", "relu", "gelu"),
+    "null_caption": ("encode", "mask"),
+}
 
 
 @gin.configurable
@@ -52,6 +64,35 @@ class MusicLMConfig:
     # audio tokenizer's frame rate, which turns BPM into radians per decoder step.
     beat_rope_multiples: tuple = ()
     frames_per_second: float = 0.0
+    # Architecture options; the defaults are this project's own LM, the alternatives express
+    # MusicGen (musicrl_jax.convert writes them). positions: 'rope' in self-attention, or
+    # 'sinusoidal' added to the summed codebook embeddings. norm: 'rms' or 'layer' (LayerNorm
+    # with bias) in the decoder. mlp: the decoder's feed-forward, 'gated_gelu' or 'gelu'
+    # (wi -> exact GELU -> wo).
+    positions: str = "rope"
+    norm: str = "rms"
+    norm_epsilon: float = 1e-6
+    mlp: str = "gated_gelu"
+    # text_encoder: 'native' (pre-norm layers like the decoder's) or 't5' (T5's encoder:
+    # shared relative-position bias from layer 0, unscaled attention, text_mlp feed-forward).
+    # text_* sizes: 0 = the decoder's.
+    text_encoder: str = "native"
+    text_embed_dim: int = 0
+    text_num_heads: int = 0
+    text_head_dim: int = 0
+    text_mlp_dim: int = 0
+    text_mlp: str = "gated_gelu"  # t5 only: gated_gelu | relu | gelu
+    text_norm_epsilon: float = 1e-6
+    relative_attention_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    # A Linear with bias from the text encoder's width to embed_dim (MusicGen's enc_to_dec_proj).
+    encoder_projection: bool = False
+    # No gradient reaches the text encoder (MusicGen's T5 is frozen).
+    freeze_text_encoder: bool = False
+    # The unconditional input of guidance (and caption dropout): a caption of only EOS.
+    # 'encode' reads it through the encoder; 'mask' makes it no conditioning at all (zero
+    # encoder output, every key masked), as MusicGen does.
+    null_caption: str = "encode"
 
     def __post_init__(self):
         # A config read back from JSON holds a list; jit needs the hashable tuple.
@@ -64,6 +105,16 @@ class MusicLMConfig:
             if 2 * len(self.beat_rope_multiples) >= self.head_dim or self.head_dim % 2:
                 raise ValueError(f"MusicLMConfig.beat_rope_multiples: {len(self.beat_rope_multiples)} "
                                  f"pairs do not fit head_dim={self.head_dim} beside plain RoPE.")
+        for field, choices in _CHOICES.items():
+            if getattr(self, field) not in choices:
+                raise ValueError(f"MusicLMConfig.{field}={getattr(self, field)!r}; expected one "
+                                 f"of {list(choices)}")
+        if self.text_encoder != "t5" and any(
+                (self.text_embed_dim, self.text_num_heads, self.text_head_dim, self.text_mlp_dim)):
+            raise ValueError("MusicLMConfig.text_* sizes need text_encoder='t5' (the native "
+                             "encoder shares the decoder's sizes).")
+        if self.beat_rope_multiples and self.positions != "rope":
+            raise ValueError("MusicLMConfig.beat_rope_multiples needs positions='rope'.")
         if self.dtype not in _DTYPES:
             raise ValueError(f"MusicLMConfig.dtype={self.dtype!r}; expected one of {list(_DTYPES)}")
         if self.remat not in ("none", *_REMAT_POLICIES):
@@ -73,6 +124,12 @@ class MusicLMConfig:
     def special_token(self) -> int:
         """Input-only id used for BOS and for the delay pattern's empty slots."""
         return self.codebook_size
+
+    @property
+    def text_dims(self) -> tuple[int, int, int, int]:
+        """The text encoder's (embed, heads, head_dim, mlp) sizes."""
+        return (self.text_embed_dim or self.embed_dim, self.text_num_heads or self.num_heads,
+                self.text_head_dim or self.head_dim, self.text_mlp_dim or self.mlp_dim)
 
     @property
     def decode_length(self) -> int:
@@ -122,6 +179,16 @@ def caption_mask(caption_tokens):
     return caption_tokens > 0
 
 
+def conditioning_mask(config: MusicLMConfig, caption_tokens):
+    """[batch, text_length] the caption positions the decoder reads: the real tokens, none of
+    an EOS-only caption under null_caption='mask'."""
+    mask = caption_mask(caption_tokens)
+    if config.null_caption == "mask":
+        only_eos = (caption_tokens[:, 0] == EOS_ID) & (mask.sum(-1) == 1)
+        mask = mask & ~only_eos[:, None]
+    return mask
+
+
 def caption_bpm(caption_tokens):
     """[batch] the tempo a caption names (its last tempo piece), 0 where it names none."""
     offsets = caption_tokens - TEMPO_FIRST_ID
@@ -150,6 +217,44 @@ class EncoderLayer(nn.Module):
         return constrain(x, ("batch", "length", "embed"))
 
 
+class T5EncoderLayer(nn.Module):
+    """T5's encoder block: RMS-normed, unscaled self-attention with the shared relative-position
+    bias, then the feed-forward (`text_mlp`)."""
+    config: MusicLMConfig
+
+    @nn.compact
+    def __call__(self, x, mask, bias):
+        cfg = self.config
+        dtype = cfg.compute_dtype
+        _, heads, head_dim, mlp_dim = cfg.text_dims
+        attn = Attention(heads, head_dim, dtype, positions="none", scaled=False,
+                         name="self_attention")
+        norm = cfg.text_norm_epsilon
+        x = x + attn(RMSNorm(norm, dtype, name="pre_attention_norm")(x), mask=mask, bias=bias)
+        if cfg.text_mlp == "gated_gelu":  # T5's gated-gelu is tanh GELU, as MLP's
+            mlp = MLP(mlp_dim, dtype, name="mlp")
+        else:
+            mlp = DenseMLP(mlp_dim, dtype, activation=cfg.text_mlp, name="mlp")
+        x = x + mlp(RMSNorm(norm, dtype, name="pre_mlp_norm")(x))
+        return constrain(x, ("batch", "length", "embed"))
+
+
+class SinusoidalPositions(nn.Module):
+    """MusicGen's sinusoidal table rows for the decoder's positions; while decoding, the step
+    index lives in the 'cache' collection beside the attention caches."""
+    features: int
+
+    @nn.compact
+    def __call__(self, length: int, decode: bool = False):
+        if decode:
+            index = self.variable("cache", "position_index", lambda: jnp.array(0, jnp.int32))
+            positions = index.value + jnp.arange(length)
+            index.value = index.value + length
+        else:
+            positions = jnp.arange(length)
+        return sinusoidal_positions(positions, self.features)
+
+
 class DecoderLayer(nn.Module):
     config: MusicLMConfig
 
@@ -157,18 +262,26 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, encoded, cross_mask, decode: bool = False, beat=None):
         cfg = self.config
         dtype = cfg.compute_dtype
+
+        def norm(name):
+            return make_norm(cfg.norm, cfg.norm_epsilon, dtype, name)
+
         self_mask = None
         if not decode:
             length = x.shape[1]
             self_mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
-        x = x + Attention(cfg.num_heads, cfg.head_dim, dtype,
+        positions = "rope" if cfg.positions == "rope" else "none"
+        x = x + Attention(cfg.num_heads, cfg.head_dim, dtype, positions=positions,
                           beat_multiples=tuple(cfg.beat_rope_multiples), name="self_attention")(
-            RMSNorm(dtype=dtype, name="pre_self_attention_norm")(x), mask=self_mask,
+            norm("pre_self_attention_norm")(x), mask=self_mask,
             decode=decode, decode_length=cfg.decode_length, beat_radians=beat)
         x = x + Attention(cfg.num_heads, cfg.head_dim, dtype, cross=True, name="cross_attention")(
-            RMSNorm(dtype=dtype, name="pre_cross_attention_norm")(x), encoded, mask=cross_mask,
-            decode=decode)
-        x = x + MLP(cfg.mlp_dim, dtype, name="mlp")(RMSNorm(dtype=dtype, name="pre_mlp_norm")(x))
+            norm("pre_cross_attention_norm")(x), encoded, mask=cross_mask, decode=decode)
+        if cfg.mlp == "gelu":
+            mlp = DenseMLP(cfg.mlp_dim, dtype, activation="gelu", name="mlp")
+        else:
+            mlp = MLP(cfg.mlp_dim, dtype, name="mlp")
+        x = x + mlp(norm("pre_mlp_norm")(x))
         return constrain(x, ("batch", "length", "embed"))
 
 
@@ -178,17 +291,36 @@ class MusicLM(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.caption_embed = Embed(cfg.caption_vocab_size, cfg.embed_dim, cfg.compute_dtype)
-        self.encoder_layers = [EncoderLayer(cfg, name=f"encoder_{i}")
-                               for i in range(cfg.num_encoder_layers)]
-        self.encoder_norm = RMSNorm(dtype=cfg.compute_dtype)
+        text_dim, text_heads = cfg.text_dims[:2]
+        self.caption_embed = Embed(cfg.caption_vocab_size, text_dim, cfg.compute_dtype)
+        if cfg.text_encoder == "t5":
+            self.encoder_layers = [T5EncoderLayer(cfg, name=f"encoder_{i}")
+                                   for i in range(cfg.num_encoder_layers)]
+            self.encoder_norm = RMSNorm(cfg.text_norm_epsilon, cfg.compute_dtype)
+            # T5: one bias table, from the first layer, shared by all layers.
+            self.relative_attention_bias = param_with_axes(
+                self, "relative_attention_bias", nn.initializers.normal(1.0),
+                (cfg.relative_attention_buckets, text_heads), (None, "heads"))
+        else:
+            self.encoder_layers = [EncoderLayer(cfg, name=f"encoder_{i}")
+                                   for i in range(cfg.num_encoder_layers)]
+            self.encoder_norm = RMSNorm(dtype=cfg.compute_dtype)
+        if cfg.encoder_projection:
+            self.encoder_projection = param_with_axes(
+                self, "encoder_projection", nn.initializers.lecun_normal(),
+                (text_dim, cfg.embed_dim), (None, "embed"))
+            self.encoder_projection_bias = param_with_axes(
+                self, "encoder_projection_bias", nn.initializers.zeros, (cfg.embed_dim,),
+                ("embed",))
+        if cfg.positions == "sinusoidal":
+            self.positions = SinusoidalPositions(cfg.embed_dim)
         layer_cls = DecoderLayer
         if cfg.remat != "none":
             layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat],
                                  static_argnums=(4,))
         self.decoder_layers = [layer_cls(cfg, name=f"decoder_{i}")
                                for i in range(cfg.num_decoder_layers)]
-        self.decoder_norm = RMSNorm(dtype=cfg.compute_dtype)
+        self.decoder_norm = make_norm(cfg.norm, cfg.norm_epsilon, cfg.compute_dtype)
         self.audio_embedding = self.param(
             "audio_embedding",
             nn.with_logical_partitioning(nn.initializers.normal(1.0), ("codebooks", "vocab", "embed")),
@@ -201,22 +333,45 @@ class MusicLM(nn.Module):
 
     def encode(self, caption_tokens):
         """caption_tokens [batch, text_length] -> encoded [batch, text_length, embed]."""
+        cfg = self.config
         mask = caption_mask(caption_tokens)[:, None, None, :]
         x = self.caption_embed(caption_tokens)
         x = constrain(x, ("batch", "length", "embed"))
-        for layer in self.encoder_layers:
-            x = layer(x, mask)
-        return self.encoder_norm(x)
+        if cfg.text_encoder == "t5":
+            length = caption_tokens.shape[1]
+            buckets = relative_position_buckets(length, length, cfg.relative_attention_buckets,
+                                                cfg.relative_attention_max_distance)
+            bias = jnp.transpose(self.relative_attention_bias[buckets], (2, 0, 1))[None]
+            for layer in self.encoder_layers:
+                x = layer(x, mask, bias)
+        else:
+            for layer in self.encoder_layers:
+                x = layer(x, mask)
+        x = self.encoder_norm(x)
+        if cfg.freeze_text_encoder:
+            x = jax.lax.stop_gradient(x)
+        if cfg.encoder_projection:
+            x = jnp.einsum("blt,te->ble", x, self.encoder_projection.astype(cfg.compute_dtype),
+                           preferred_element_type=jnp.float32)
+            x = (x + self.encoder_projection_bias).astype(cfg.compute_dtype)
+            x = constrain(x, ("batch", "length", "embed"))
+        if cfg.null_caption == "mask":
+            # MusicGen zeroes the encoder output off the mask (after the projection).
+            x = x * conditioning_mask(cfg, caption_tokens)[..., None].astype(x.dtype)
+        return x
 
     def decode(self, decoder_input_tokens, encoded, caption_tokens, decode: bool = False):
         """decoder_input_tokens [batch, length, K] (delayed layout, BOS first)."""
         cfg = self.config
-        cross_mask = caption_mask(caption_tokens)[:, None, None, :]
+        cross_mask = conditioning_mask(cfg, caption_tokens)[:, None, None, :]
         codebook_ids = jnp.arange(cfg.num_codebooks)
         x = self.audio_embedding[codebook_ids, decoder_input_tokens].sum(axis=-2)
         # The residual stream stays float32 (layers take bf16 matmul inputs and accumulate in
         # f32), so the cached sampler and the teacher-forced pass round alike.
-        x = constrain(x.astype(jnp.float32), ("batch", "length", "embed"))
+        x = x.astype(jnp.float32)
+        if cfg.positions == "sinusoidal":
+            x = x + self.positions(x.shape[1], decode)[None]
+        x = constrain(x, ("batch", "length", "embed"))
         beat = beat_radians(cfg, caption_tokens) if cfg.beat_rope_multiples else None
         for layer in self.decoder_layers:
             x = layer(x, encoded, cross_mask, decode, beat)
