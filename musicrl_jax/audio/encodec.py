@@ -280,16 +280,17 @@ def _conv(params: Mapping[str, jax.Array], op: _Conv, x: jax.Array,
 
 def _conv_transpose(w: jax.Array, b: jax.Array, op: _Conv, x: jax.Array,
                     spec: EncodecSpec) -> jax.Array:
-    # One matmul per input frame, then overlap-add of kernel blocks of `stride` samples:
-    # no multiplies by the zeros an input-dilated convolution would insert.
+    # Polyphase form: output phase r of block u is sum_a x[u - a] @ w[a * stride + r], an
+    # ordinary stride-1 conv to stride * out channels; no zeros inserted between inputs.
     batch, frames, _ = x.shape
     k, s = op.kernel, op.stride
     blocks = -(-k // s)
     w = jnp.pad(w, ((0, blocks * s - k), (0, 0), (0, 0)))
-    w = w.reshape(blocks, s, op.cin, op.cout)
-    z = jnp.einsum("bti,asio->btaso", x, w, precision=_HIGHEST)
-    y = sum(jnp.pad(z[:, :, a], ((0, 0), (a, blocks - 1 - a), (0, 0), (0, 0)))
-            for a in range(blocks))
+    w = w.reshape(blocks, s, op.cin, op.cout)[::-1].transpose(0, 2, 1, 3)
+    x = jnp.pad(x, ((0, 0), (blocks - 1, blocks - 1), (0, 0)))
+    y = jax.lax.conv_general_dilated(
+        x, w.reshape(blocks, op.cin, s * op.cout), (1,), "VALID",
+        dimension_numbers=("NWC", "WIO", "NWC"), precision=_HIGHEST)
     y = y.reshape(batch, (frames + blocks - 1) * s, op.cout)[:, :(frames - 1) * s + k] + b
     pad_total = k - s
     if spec.use_causal_conv:
