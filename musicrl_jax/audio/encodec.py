@@ -44,6 +44,8 @@ __all__ = [
     "convert_encodec_cli",
     "encodec_decode",
     "encodec_encode",
+    "param_shapes",
+    "spec_from_hub_config",
 ]
 
 WEIGHTS_FILENAME = "encodec_weights.npz"
