@@ -46,7 +46,12 @@ evidence: install
 	$(PY) -m musicrl_jax.main --gin_file=evidence/headline.gin \
 	  --gin_bindings="headline.lm_dir='$(RUN_DIR)/pretrain'"
 
-test: install browser-deps
+# torch (CPU) and transformers: the MusicGen/EnCodec converters' equality tests only.
+$(VENV)/.test-installed: $(VENV)/.installed requirements-test.lock
+	$(PY) -m pip install -q -r requirements-test.lock
+	touch $@
+
+test: install browser-deps $(VENV)/.test-installed
 	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q --durations=15 tests
 
 bench: install

@@ -28,6 +28,7 @@ setup(
         "librosa==0.11.0",
         "music21==10.5.1",
         "numpy==2.4.6",
+        "safetensors==0.8.0",  # model-hub checkpoints (musicrl_jax.hub), read without torch
         "absl-py==2.5.1",
         "tqdm==4.70.1",
         "threadpoolctl==3.8.0",
@@ -39,7 +40,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest==9.2.0", "selenium==4.51.0"],
-        # Benchmark-only comparisons (kept out of the main install).
+        # Benchmark comparisons and the converters' equality tests (kept out of the main install;
+        # requirements-test.lock pins them with their dependencies and `make test` installs it).
         "bench": ["torch==2.13.0", "transformers==5.23.0"],
     },
 )

@@ -136,6 +136,18 @@ def test_save_load_round_trip(converted, tmp_path):
     np.testing.assert_array_equal(again.decode(codes), tokenizer.decode(codes))
 
 
+def test_load_tokenizer_finds_encodec_without_importing_it(converted):
+    """A fresh process that only knows load_tokenizer (as data/RL code does) gets EnCodec."""
+    import subprocess
+    import sys
+    _, hub_dir, _ = converted
+    code = ("from musicrl_jax.audio.tokenizer import load_tokenizer; "
+            f"print(type(load_tokenizer({str(hub_dir / 'tok')!r})).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "EncodecTokenizer"
+
+
 def test_legacy_weight_norm_names(tmp_path):
     """Hub checkpoints from before torch's parametrizations name g/v `weight_g`/`weight_v`."""
     from safetensors.numpy import load_file, save_file

@@ -140,6 +140,9 @@ class AudioTokenizer(abc.ABC):
         ``codec`` field of ``config.json``."""
         config = _read_config(directory)
         codec = config.get("codec")
+        if codec == "encodec":
+            # Registers EncodecTokenizer; not imported above because it imports this module.
+            from musicrl_jax.audio import encodec  # noqa: F401
         target = _CODECS.get(codec) if isinstance(codec, str) else None
         config_path = os.path.join(os.fspath(directory), CONFIG_FILENAME)
         if target is None:
