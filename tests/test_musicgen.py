@@ -66,6 +66,9 @@ def converted(tmp_path_factory):
     assert convert.main(["musicgen", "--source", hub_dir, "--out", out]) == 0
     with open(os.path.join(hub_dir, "config.json")) as f:
         config = convert.musicgen_config(json.load(f), hub_dir)
+    _, step, meta = rl_finetune.policy_checkpoint(out)  # what pipeline/export read back
+    assert (step, meta["kind"]) == (0, "music_lm")
+    assert music_lm.MusicLMConfig(**meta["model_config"]) == config
     # Restored exactly as RL restores a pretraining run's LM, sharded over a 2x2x2 mesh.
     mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2, devices=jax.devices()[:8])
     params = rl_finetune.restore_policy_params(config, out, mesh)
@@ -187,6 +190,19 @@ def test_greedy_sampler_reproduces_generate(converted, weight):
                            num_frames=FRAMES,
                            sampling=decoding.SamplingConfig(top_k=1, guidance_weight=weight))
     np.testing.assert_array_equal(np.asarray(ours["codes"]), theirs)
+
+
+def test_frozen_text_encoder_gets_no_gradient(converted):
+    _, _, config, params = converted
+    grads = jax.grad(lambda p: music_lm.lm_loss(config, p, jnp.asarray(_captions(), jnp.int32),
+                                                jnp.asarray(_codes()))[0])(params)
+    norms = {name: max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(g))
+             for name, g in grads.items()}
+    frozen = ("caption_embed", "encoder_0", "encoder_1", "encoder_norm",
+              "relative_attention_bias")
+    assert all(norms[n] == 0 for n in frozen)
+    # MusicGen trains enc_to_dec_proj with the decoder.
+    assert norms["encoder_projection"] > 0 and norms["decoder_0"] > 0
 
 
 # --- errors ---------------------------------------------------------------------------------
