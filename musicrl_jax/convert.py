@@ -9,6 +9,12 @@
       text encoder comes along (frozen); the EnCodec audio tensors are left to the audio
       converter. The hub folder's spiece.model, if present, is copied to
       RUN_DIR/vocab/captions.model (the caption vocabulary MusicGen was trained with).
+      Captions for it are T5 SentencePiece ids plus EOS (pad 0, eos 1), which
+      seqio.SentencePieceVocabulary(spiece.model) with add_eos gives: copy spiece.model to
+      DATA_DIR/musicrl_music_assets/CONFIG/vocab/captions.model and bind
+      `train_caption_vocabulary.tempo_pieces = False` so the data build keeps it. Include
+      RUN_DIR/config.gin and point `demo.pretrained_lm` / `rl_finetune.init_checkpoint` at
+      RUN_DIR.
 
 Errors (not a MusicGen folder, missing shard, a tensor whose shape or dtype does not match
 config.json, tensors left over) print one paragraph and exit with status 2.
@@ -86,7 +92,8 @@ def musicgen_config(config: dict, path: str, *, max_caption_length: int = 64,
             if section.get(key) is not None and int(section[key]) != vocab:
                 raise ConfigError(f"{path}: {where} {key}={section[key]}, but the LM uses id "
                                   f"vocab_size={vocab} for BOS and the delay pattern's padding. "
-                                  "Fix: use a checkpoint with pad = bos = vocab_size (as MusicGen).")
+                                  "Fix: use a checkpoint with pad = bos = vocab_size (as "
+                                  "MusicGen).")
     if audio.get("codebook_size") not in (None, vocab):
         raise ConfigError(f"{path}: audio_encoder codebook_size={audio['codebook_size']} but "
                           f"decoder vocab_size={vocab}. Fix: use the checkpoint's own config.")
@@ -153,7 +160,8 @@ def musicgen_params(config, take: hub.TensorTaker, names: set[str]) -> dict[str,
                 "out": linear(f"{prefix}.{o}", in_dim, inner).reshape(n_heads, dim, in_dim)}
 
     def layer_norm(prefix):
-        return {"scale": take(f"{prefix}.weight", (embed,)), "bias": take(f"{prefix}.bias", (embed,))}
+        return {"scale": take(f"{prefix}.weight", (embed,)),
+                "bias": take(f"{prefix}.bias", (embed,))}
 
     def rms_norm(prefix):
         return {"scale": take(f"{prefix}.weight", (text_embed,))}
