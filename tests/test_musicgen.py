@@ -233,7 +233,7 @@ def test_not_musicgen_reported_by_cli(tmp_path):
 def test_missing_shard_and_wrong_shape_and_leftover(converted, tmp_path, capsys):
     from safetensors.numpy import load_file, save_file
 
-    model, hub_dir, _, _ = converted
+    model = converted[0]
     sharded = tmp_path / "sharded"
     model.save_pretrained(str(sharded), safe_serialization=True, max_shard_size="40KB")
     with open(sharded / "model.safetensors.index.json") as f:
@@ -260,7 +260,6 @@ def test_missing_shard_and_wrong_shape_and_leftover(converted, tmp_path, capsys)
     save_file(tensors, str(extra / "model.safetensors"), metadata={"format": "pt"})
     err = _main_error(capsys, extra, tmp_path / "out3")
     assert "not understood" in err and "layers.0.extra.weight" in err
-    del hub_dir
 
 
 # --- defaults unchanged -----------------------------------------------------------------------
