@@ -16,7 +16,12 @@
       RUN_DIR/config.gin and point `demo.pretrained_lm` / `rl_finetune.init_checkpoint` at
       RUN_DIR.
 
-Errors (not a MusicGen folder, missing shard, a tensor whose shape or dtype does not match
+  encodec --source DIR --out TOKENIZER_DIR [--bandwidth KBPS]
+      An EnCodec (e.g. facebook/encodec_32khz, MusicGen's audio codec) becomes an
+      EncodecTokenizer directory (musicrl_jax.audio.encodec: SEANet + RVQ in JAX, weight norm
+      folded) that load_tokenizer reads; the number of codebooks follows the bandwidth.
+
+Errors (not a MusicGen/EnCodec folder, missing shard, a tensor whose shape or dtype does not match
 config.json, tensors left over) print one paragraph and exit with status 2.
 """
 
@@ -24,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -354,11 +358,33 @@ class Subcommand:
     run: Callable[[argparse.Namespace], None]
 
 
-# One entry per checkpoint kind. The EnCodec audio tokenizer belongs here too (its converter
-# is musicrl_jax.audio.encodec.convert_encodec_cli); not wired yet.
+# --- EnCodec ---------------------------------------------------------------------------------
+
+def _encodec_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", required=True,
+                        help="hub folder (e.g. facebook/encodec_32khz): config.json + "
+                             "*.safetensors")
+    parser.add_argument("--out", required=True, help="tokenizer directory to write")
+    parser.add_argument("--bandwidth", type=float, default=None,
+                        help="kbps, one of config.json's target_bandwidths (default: the "
+                             "smallest); sets the number of codebooks")
+
+
+def _encodec_run(args) -> None:
+    from musicrl_jax.audio.encodec import convert_encodec
+
+    tokenizer = convert_encodec(args.source, args.out, bandwidth=args.bandwidth)
+    print(f"EnCodec {args.source}: {tokenizer.sample_rate} Hz, {tokenizer.num_codebooks} "
+          f"codebooks of {tokenizer.codebook_size}, {tokenizer.frame_rate:g} frames/s")
+    print(f"  tokenizer   {args.out} (load_tokenizer reads it; the LM's audio tokens)")
+
+
+# One entry per checkpoint kind.
 SUBCOMMANDS: dict[str, Subcommand] = {
     "musicgen": Subcommand("MusicGen (hub layout) -> a pretrained music LM run directory",
                            _musicgen_arguments, _musicgen_run),
+    "encodec": Subcommand("EnCodec (hub layout) -> an audio tokenizer directory",
+                          _encodec_arguments, _encodec_run),
 }
 
 

@@ -256,10 +256,22 @@ def test_bandwidth_not_offered(hub_dir, tmp_path):
 
 
 def test_cli(hub_dir, tmp_path, capsys):
-    assert encodec.convert_encodec_cli([str(hub_dir), str(tmp_path / "out"),
-                                        "--bandwidth", "1.2"]) == 0
+    from musicrl_jax import convert
+    assert convert.main(["encodec", "--source", str(hub_dir), "--out", str(tmp_path / "out"),
+                         "--bandwidth", "1.2"]) == 0
     assert "3 codebooks of 16" in capsys.readouterr().out
     assert load_tokenizer(tmp_path / "out").num_codebooks == 3
+
+
+def test_cli_reports_a_bad_source_in_one_paragraph(tmp_path):
+    import subprocess
+    import sys
+    (tmp_path / "config.json").write_text('{"model_type": "t5"}')
+    out = subprocess.run([sys.executable, "-m", "musicrl_jax.convert", "encodec", "--source",
+                          str(tmp_path), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "model_type='t5'" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_damaged_saved_tokenizer(converted, tmp_path):

@@ -14,13 +14,12 @@ Frame contract (as for every AudioTokenizer here): ``n`` samples give ``ceil(n /
 and ``t`` frames decode to ``t * hop`` samples, ``hop = prod(upsampling_ratios)``.
 
 ``convert_encodec(source, out)`` turns a model-hub directory (e.g. facebook/encodec_32khz)
-into a saved tokenizer that ``load_tokenizer(out)`` reads back; ``convert_encodec_cli(argv)``
-is its command line.
+into a saved tokenizer that ``load_tokenizer(out)`` reads back; its command line is
+``python -m musicrl_jax.convert encodec``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -41,7 +40,6 @@ __all__ = [
     "EncodecSpec",
     "EncodecTokenizer",
     "convert_encodec",
-    "convert_encodec_cli",
     "encodec_decode",
     "encodec_encode",
     "param_shapes",
@@ -660,20 +658,3 @@ def convert_encodec(source: str, out: str, *, bandwidth: float | None = None
     tokenizer = EncodecTokenizer(spec, params)
     tokenizer.save(out)
     return tokenizer
-
-
-def convert_encodec_cli(argv: Sequence[str] | None = None) -> int:
-    """``encodec SOURCE OUT [--bandwidth KBPS]``: the converter's command line; returns 0."""
-    parser = argparse.ArgumentParser(
-        prog="encodec", description="Convert a model-hub EnCodec checkpoint (e.g. "
-        "facebook/encodec_32khz) into an EncodecTokenizer directory.")
-    parser.add_argument("source", help="hub directory with config.json and *.safetensors")
-    parser.add_argument("out", help="directory to write the tokenizer to")
-    parser.add_argument("--bandwidth", type=float, default=None,
-                        help="kbps, one of config.json's target_bandwidths (default: the "
-                             "smallest); sets the number of codebooks")
-    args = parser.parse_args(argv)
-    tokenizer = convert_encodec(args.source, args.out, bandwidth=args.bandwidth)
-    print(f"{args.out}: EnCodec {tokenizer.sample_rate} Hz, {tokenizer.num_codebooks} "
-          f"codebooks of {tokenizer.codebook_size}, {tokenizer.frame_rate:g} frames/s")
-    return 0
