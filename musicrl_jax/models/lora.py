@@ -2,8 +2,8 @@
 
 The adapters are a separate parameter tree: for every targeted kernel W (viewed as a matrix
 [inputs, outputs]: attention's query/key/value [embed, heads * head_dim], its out projection
-[heads * head_dim, embed], the MLP's wi_gate/wi_up [embed, mlp] and wo [mlp, embed]) a pair
-A [inputs, rank] (random) and B [rank, outputs] (zeros), and
+[heads * head_dim, embed], the MLP's wi_gate/wi_up (or an ungated MLP's wi) [embed, mlp] and
+wo [mlp, embed]) a pair A [inputs, rank] (random) and B [rank, outputs] (zeros), and
 
   merge(base, adapters) = base with W + (alpha / rank) * A @ B for every targeted W.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
 import gin
@@ -27,6 +28,23 @@ from musicrl_jax.errors import ConfigError
 
 ATTENTION_KERNELS = ("query", "key", "value", "out")
 MLP_KERNELS = ("wi_gate", "wi_up", "wo")
+# An ungated MLP's (MusicGen's decoder, T5's relu/gelu) one input projection. Targeted by its
+# own name or by either gated input projection's, so the default targets (the names a gated
+# model has) adapt every MLP.
+UNGATED_MLP_INPUT = "wi"
+KERNELS = ATTENTION_KERNELS + MLP_KERNELS + (UNGATED_MLP_INPUT,)
+# The LM's text encoder: the top-level params before its (trainable) encoder_projection.
+TEXT_ENCODER = re.compile(r"caption_embed|encoder_\d+|encoder_norm|relative_attention_bias")
+
+
+def frozen_text_encoder(lm_config) -> bool:
+    """Whether `lm_config` (a MusicLMConfig; other configs never) freezes the text encoder."""
+    return bool(getattr(lm_config, "freeze_text_encoder", False))
+
+
+def in_text_encoder(name) -> bool:
+    """Whether the LM's top-level param `name` belongs to its text encoder."""
+    return isinstance(name, str) and TEXT_ENCODER.fullmatch(name) is not None
 
 
 @gin.configurable
@@ -35,14 +53,15 @@ class LoRAConfig:
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ATTENTION_KERNELS + MLP_KERNELS
+    # False: no adapters in the text encoder (`for_model` sets it when the LM freezes it).
+    adapt_text_encoder: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
-        unknown = sorted(set(self.targets) - set(ATTENTION_KERNELS + MLP_KERNELS))
+        unknown = sorted(set(self.targets) - set(KERNELS))
         if unknown or not self.targets:
             raise ConfigError(f"LoRAConfig.targets={list(self.targets)}: "
-                              f"{unknown or 'empty'}; choose among "
-                              f"{list(ATTENTION_KERNELS + MLP_KERNELS)}.")
+                              f"{unknown or 'empty'}; choose among {list(KERNELS)}.")
         if self.rank < 1 or self.alpha <= 0:
             raise ConfigError(f"LoRAConfig.rank={self.rank} must be >= 1 and alpha="
                               f"{self.alpha} > 0.")
@@ -50,6 +69,20 @@ class LoRAConfig:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+
+def for_model(config: LoRAConfig | None, lm_config) -> LoRAConfig | None:
+    """`config` for the LM of `lm_config`: without text-encoder adapters when the LM freezes
+    its text encoder (its output is stop_gradient'ed, so they would never train)."""
+    if config is None or not frozen_text_encoder(lm_config):
+        return config
+    return dataclasses.replace(config, adapt_text_encoder=False)
+
+
+def _is_target(config: LoRAConfig, name: str) -> bool:
+    if name == UNGATED_MLP_INPUT:
+        return bool({name, "wi_gate", "wi_up"} & set(config.targets))
+    return name in config.targets
 
 
 def _input_axes(name: str) -> int:
@@ -61,7 +94,8 @@ def targeted(config: LoRAConfig, base) -> dict[tuple, Any]:
     """{path: kernel} of the base params LoRA adapts."""
     flat = traverse_util.flatten_dict(base)
     return {path: w for path, w in flat.items()
-            if path[-1] in config.targets and getattr(w, "ndim", 0) >= 2}
+            if _is_target(config, path[-1]) and getattr(w, "ndim", 0) >= 2
+            and (config.adapt_text_encoder or not in_text_encoder(path[0]))}
 
 
 def init(config: LoRAConfig, base, rng) -> dict[str, Any]:

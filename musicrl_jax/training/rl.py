@@ -79,8 +79,8 @@ from musicrl_jax.decoding import SamplingConfig
 from musicrl_jax.errors import ConfigError
 from musicrl_jax.models import lora as lora_lib
 from musicrl_jax.models import music_lm
-from musicrl_jax.training.trainer import (PreemptionFlag, RunLog, check_finite, make_optimizer,
-                                          write_operative_config)
+from musicrl_jax.training.trainer import (PreemptionFlag, RunLog, check_finite, freeze,
+                                          make_optimizer, write_operative_config)
 
 ALGORITHMS = ("reinforce", "grpo")
 BASELINES = ("none", "batch_mean", "rloo", "group_mean", "group_norm")
@@ -366,6 +366,7 @@ def make_rl_step(lm_config: music_lm.MusicLMConfig, tx: optax.GradientTransforma
     adapters over the frozen reference (`models/lora.py`)."""
     cfg = rl_config
     group = cfg.samples_per_caption
+    tx = freeze(tx, lm_config)  # a frozen text encoder never moves (a no-op otherwise)
 
     def rl_step(state: RLState, reference_params, reward_params, caption_tokens, rng):
         captions = jnp.repeat(caption_tokens, group, axis=0)  # [c0]*group, [c1]*group, ...
@@ -434,6 +435,8 @@ def abstract_rl_state(lm_config: music_lm.MusicLMConfig, tx, mesh, rl_config: RL
                       rules=None, lora: lora_lib.LoRAConfig | None = None, seed: int = 0):
     """(abstract RLState with shardings, its shardings) without allocating: the layout
     `create_rl_state` builds (and a checkpoint restores into, or a compiler analyses)."""
+    lora = lora_lib.for_model(lora, lm_config)
+
     def init(rng):
         return _initial_state(music_lm.init_params(lm_config, rng), tx, rl_config, lora, seed)
 
@@ -459,6 +462,7 @@ def create_rl_state(lm_config: music_lm.MusicLMConfig, tx, params, mesh, rl_conf
     rules like `trainer.create_train_state`; returns (state, state_shardings, param_shardings).
     The policy starts at `params`; keep the same `params` as the frozen reference. With `lora`
     the state holds fresh adapters (replicated: they are small) instead of a copy of `params`."""
+    lora = lora_lib.for_model(lora, lm_config)  # the adapters abstract_rl_state lays out
     _, state_shardings = abstract_rl_state(lm_config, tx, mesh, rl_config, rules, lora, seed)
     param_shardings = lm_param_shardings(lm_config, mesh, rules)
     params = jax.device_put(params, param_shardings)
@@ -600,6 +604,8 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
                           "starts at MusicRL-R's policy, is not supported with LoRA). Fix: "
                           "drop train_rl.lora, or start from the reference checkpoint.")
     reference_params = policy_params if reference_params is None else reference_params
+    # Resolved once, so the checkpoint's meta records the adapters it holds.
+    lora = lora_lib.for_model(lora, lm_config)
     with partitioning.mesh_context(mesh, rules):
         state, state_shardings, param_shardings = create_rl_state(
             lm_config, tx, policy_params, mesh, rl_config, rules, lora=lora, seed=seed)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from musicrl_jax import partitioning
 from musicrl_jax.checkpoints import Checkpointer, abstract_like
 from musicrl_jax.errors import ConfigError
+from musicrl_jax.models import lora
 
 
 class TrainingDivergedError(RuntimeError):
@@ -55,6 +56,27 @@ def make_optimizer(total_steps: int, learning_rate: float = 1e-3, warmup_steps: 
     return tx, schedule
 
 
+def freeze(tx, config):
+    """`tx`, except that the params `config` freezes (the LM's text encoder under
+    freeze_text_encoder) never move: their gradients and updates are zeroed, so neither Adam nor
+    weight decay drifts them. The state keeps `tx`'s layout (checkpoints of frozen and unfrozen
+    runs restore alike), at the cost of Adam moments, held at zero, for the frozen params."""
+    if not lora.frozen_text_encoder(config):
+        return tx  # nothing frozen: the very same transformation
+
+    def zero_frozen(tree):
+        def leaf(path, x):
+            top = getattr(path[0], "key", None) if path else None  # the top-level param name
+            return jnp.zeros_like(x) if lora.in_text_encoder(top) else x
+        return jax.tree_util.tree_map_with_path(leaf, tree)
+
+    def update(updates, state, params=None, **extra_args):
+        updates, state = tx.update(zero_frozen(updates), state, params, **extra_args)
+        return zero_frozen(updates), state
+
+    return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
 def create_train_state(task, tx, mesh, seed: int):
     """Sharded TrainState initialised directly on the mesh, and its shardings."""
     def init(rng):
@@ -75,6 +97,8 @@ def _microbatches(batch, num_micro: int):
 
 
 def make_train_step(task, tx, seed: int, grad_accum_steps: int = 1) -> Callable:
+    tx = freeze(tx, getattr(task, "config", None))
+
     def grads_and_sums(params, batch, rng):
         def loss_fn(p):
             loss_sum, weight, sums = task.loss(p, batch, rng)
