@@ -17,7 +17,8 @@ The artifact directory holds:
   params.npz                     the weights, flattened to '/'-joined names (an argument of the
                                    programs, so the artifact is weights + program)
   vocab/captions.model           the SentencePiece caption vocabulary
-  tokenizer/                     the audio tokenizer (codes -> 16 kHz waveform)
+  tokenizer/                     the audio tokenizer (codes -> waveform at its sample rate:
+                                   16 kHz MelRVQ, or a converted EnCodec's, e.g. 32 kHz)
   config.json                    MusicLMConfig and the sampling settings fixed at export
   manifest.json                  format version, shapes, dtypes, sha256 of every file
 
@@ -29,10 +30,10 @@ against the device at load time.
 
 Fixed at export: the batch size B (generate pads the last partial batch), the number of frames
 and top_k (lax.top_k needs a static k). Chosen at generation: the seed, temperature and guidance
-weight (runtime scalar inputs). Waveform decoding (Griffin-Lim via librosa) is not a JAX program,
-so the tokenizer's files are copied and generate decodes with them. The programs are
-single-device (no sharding): serving a model too large for one accelerator needs a sharded
-export, which this does not do.
+weight (runtime scalar inputs). Waveform decoding is not part of the programs (MelRVQ's
+Griffin-Lim runs in librosa), so the tokenizer's files are copied and generate decodes with
+them. The programs are single-device (no sharding): serving a model too large for one
+accelerator needs a sharded export, which this does not do.
 """
 
 from __future__ import annotations

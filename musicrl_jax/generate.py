@@ -8,8 +8,9 @@ The artifact (written by `python -m musicrl_jax.export`) holds the sampling prog
 with jax.export, the policy's weights, the caption vocabulary and the audio tokenizer. This
 module tokenizes the captions with SentencePiece, runs the deserialised program on per-example
 keys derived from --seed (the same keys `decoding.example_rngs` gives, so a checkpoint sampled
-in Python with the same seed and settings yields the same codes), decodes the codes to 16 kHz
-WAVs with the saved tokenizer and writes `codes.npz` beside them.
+in Python with the same seed and settings yields the same codes), decodes the codes to WAVs at
+the saved tokenizer's sample rate (16 kHz MelRVQ, or a converted EnCodec's) and writes
+`codes.npz` beside them.
 
 It imports jax, numpy, sentencepiece and the audio tokenizer only: no flax, optax, orbax, seqio
 or TensorFlow, and nothing from musicrl_jax.models or musicrl_jax.training. (The tokenizer
