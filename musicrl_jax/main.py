@@ -98,7 +98,7 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep Orbax/CLU chatter out of the progress bar
     maybe_initialize_distributed()
-    from musicrl_jax.errors import ConfigError
+    from musicrl_jax.errors import ConfigError, Preempted
     from musicrl_jax.training.trainer import TrainingDivergedError
     try:
         parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
@@ -107,6 +107,12 @@ def main(argv):
         logging.flush()
         print(f"\nmusicrl_jax: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as err:
+        # Exit 0 like a finished run: nothing failed, and the saved step resumes. Later stages
+        # of the job did not run.
+        logging.flush()
+        print(f"\nmusicrl_jax: preempted: {err}", file=sys.stderr)
+        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import pytest
 from conftest import toy_task
 from musicrl_jax import partitioning
 from musicrl_jax.checkpoints import Checkpointer, abstract_like
-from musicrl_jax.errors import ConfigError
+from musicrl_jax.errors import ConfigError, Preempted
 from musicrl_jax.training.trainer import read_metrics
 from musicrl_jax.training import trainer
 
@@ -115,6 +115,7 @@ def test_sigkill_or_sigterm_then_restart_continues_with_identical_losses(tmp_pat
     assert 23 <= killed_at < 40
     assert Checkpointer(os.path.join(interrupted, "checkpoints")).latest_step() in (20, 30)
     _exits(preempted_run, logs["preempted"], timeout=120)
+    assert "musicrl_jax: preempted:" in _log_tail(logs["preempted"])
     stopped_at = max(_losses(preempted))
     assert 13 <= stopped_at < 40
     assert Checkpointer(os.path.join(preempted, "checkpoints")).latest_step() == stopped_at
@@ -197,6 +198,8 @@ def test_rl_loop_killed_or_preempted_resumes_to_the_uninterrupted_run(tmp_path, 
                    signal.SIGTERM)])
     _exits(runs[killed], logs[killed][0], -signal.SIGKILL, timeout=120)
     _exits(runs[preempted], logs[preempted][0], 0, timeout=120)
+    # The loop raised Preempted after its save (main reports it), so nothing ran after it.
+    assert "musicrl_jax: preempted:" in _log_tail(logs[preempted][0])
 
     killed_at = max(_rl_rows(killed))
     assert 13 <= killed_at < 40
@@ -241,8 +244,10 @@ def test_sigterm_during_an_unforced_save_still_saves_the_step_it_stops_at(tmp_pa
     monkeypatch.setattr(Checkpointer, "save", save_then_preempt)
     workdir = tmp_path / "run"
     # The restore test's run (the same compiled steps: compilation cache hits).
-    trainer.train(task=toy_task(), workdir=str(workdir), mesh=partitioning.make_mesh(),
-                  num_steps=3, batch_size=8, eval_every=0, checkpoint_every=3,
-                  show_progress=False)
+    # Preempted, not a normal return: a pipeline's later stages must not run on this model.
+    with pytest.raises(Preempted, match="saved step 2 of 3"):
+        trainer.train(task=toy_task(), workdir=str(workdir), mesh=partitioning.make_mesh(),
+                      num_steps=3, batch_size=8, eval_every=0, checkpoint_every=3,
+                      show_progress=False)
     assert signalled == [1]
     assert Checkpointer(str(workdir / "checkpoints")).latest_step() == 2

@@ -76,7 +76,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from musicrl_jax import decoding, partitioning
 from musicrl_jax.checkpoints import Checkpointer, abstract_like
 from musicrl_jax.decoding import SamplingConfig
-from musicrl_jax.errors import ConfigError
+from musicrl_jax.errors import ConfigError, Preempted
 from musicrl_jax.models import lora as lora_lib
 from musicrl_jax.models import music_lm
 from musicrl_jax.training.trainer import (PreemptionFlag, RunLog, check_finite, freeze,
@@ -645,6 +645,7 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
     local = partitioning.host_local_batch_size(captions_per_step)
     last: dict[str, float] = {}
     evals: dict[int, dict[str, float]] = {}
+    preempted_at = None
 
     def run_eval(done):
         with partitioning.mesh_context(mesh, rules):
@@ -692,10 +693,14 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
                 log.progress.update(1)
                 if stop:
                     logging.warning("SIGTERM: saved RL step %d, stopping.", done)
+                    preempted_at = done
                     break
     finally:
         log.close()
         checkpointer.close()
+    if preempted_at is not None:
+        raise Preempted(f"{workdir}: SIGTERM; saved RL step {preempted_at} of {num_steps}. "
+                        "Rerun the same command to resume.")
     policy = state.params
     if lora is not None:
         with partitioning.mesh_context(mesh, rules):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from musicrl_jax import partitioning
 from musicrl_jax.checkpoints import Checkpointer, abstract_like
-from musicrl_jax.errors import ConfigError
+from musicrl_jax.errors import ConfigError, Preempted
 from musicrl_jax.models import lora
 
 
@@ -317,6 +317,7 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
 
     local_batch = partitioning.host_local_batch_size(batch_size)
     step = start
+    preempted_at = None
     try:
         with partitioning.mesh_context(mesh, rules), PreemptionFlag() as preemption:
             if eval_at_start and eval_every and start == 0:
@@ -348,6 +349,7 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
                 log.progress.update(1)
                 if stop:
                     logging.warning("SIGTERM: saved step %d, stopping.", done)
+                    preempted_at = done
                     break
             step = int(state.step)
         # Split-level metrics that per-batch averages cannot give (recall@k, correlations, ECE).
@@ -359,4 +361,7 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
     finally:
         log.close()
         checkpointer.close()
+    if preempted_at is not None:
+        raise Preempted(f"{workdir}: SIGTERM; saved step {preempted_at} of {num_steps}. Rerun "
+                        "the same command to resume.")
     return {"step": step, "train": train_metrics, "eval": eval_metrics, "state": state}
