@@ -8,15 +8,25 @@ Building a config runs the whole data stage once and caches it under `data_dir`:
 Steps 1-3 write to `<data_dir>/musicrl_music_assets/<config>/` (corpus, tokenizer/, vocab/),
 which later stages read (decode tokens to audio, tokenize captions).
 
+A config with `pretrained_codec` (musicgen, musicgen_tiny) fits and trains nothing: the build
+copies a pretrained tokenizer (`python -m musicrl_jax.convert encodec`: MusicGen's EnCodec) and
+caption SentencePiece model (T5's spiece.model) from `prepare_music_data.tokenizer_dir` and
+`.caption_vocab` into tokenizer/ and vocab/captions.model, renders the corpus at the codec's
+sample rate (resampled when FluidSynth cannot render at it) and encodes with the codec. A cached
+build made with another tokenizer or vocabulary is refused, not silently mixed.
+
 CLI: python -m musicrl_jax.data.build --data_dir DIR [--config demo]
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import shutil
 import sys
 import time
+from math import gcd
 
 import gin
 import numpy as np
@@ -24,6 +34,7 @@ import soundfile as sf
 import tensorflow_datasets as tfds
 from tqdm import tqdm
 
+from musicrl_jax.audio import synthesis
 from musicrl_jax.audio.tokenizer import MelRVQTokenizer, load_tokenizer
 from musicrl_jax.data import corpus as corpus_lib
 from musicrl_jax.data import vocab as vocab_lib
@@ -47,6 +58,16 @@ class MusicrlMusicConfig(tfds.core.BuilderConfig):
     caption_vocab_size: int = 512
     max_clips_per_score: int | None = None
     seed: int = 0
+    # Tokens from a pretrained codec and captions from a pretrained SentencePiece model, both
+    # named by prepare_music_data (tokenizer_dir, caption_vocab); num_codebooks and
+    # codebook_size are then what the codec must give (checked), the mel fields are unused.
+    pretrained_codec: bool = False
+
+
+# FluidSynth's synth.sample-rate range: a codec rate outside it is rendered at the nearest end
+# and resampled.
+RENDER_RATE_RANGE = (8000, 96000)
+PRETRAINED_FIELDS = ("tokenizer_dir", "caption_vocab")
 
 
 def assets_dir(data_dir: str, config_name: str) -> str:
@@ -56,6 +77,99 @@ def assets_dir(data_dir: str, config_name: str) -> str:
 def read_wav(path: str) -> np.ndarray:
     audio, _ = sf.read(path, dtype="float32", always_2d=False)
     return audio if audio.ndim == 1 else audio.mean(axis=1)
+
+
+def render_rate(codec_rate: int) -> int:
+    """The rate the corpus is rendered at for a codec of `codec_rate` Hz."""
+    return int(min(max(codec_rate, RENDER_RATE_RANGE[0]), RENDER_RATE_RANGE[1]))
+
+
+def read_wav_at(path: str, sample_rate: int) -> np.ndarray:
+    """A clip as mono float32 at `sample_rate` (polyphase resampling, as synthesis does)."""
+    audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    audio = audio.mean(axis=1)
+    if rate != sample_rate:
+        from scipy.signal import resample_poly
+        step = gcd(int(rate), int(sample_rate))
+        audio = resample_poly(audio, sample_rate // step, rate // step)
+    return np.asarray(audio, np.float32)
+
+
+def _digest(files: dict[str, str]) -> str:
+    """Content hash of {installed name: path}: the same files copied elsewhere hash equal."""
+    sha = hashlib.sha256()
+    for name in sorted(files):
+        with open(files[name], "rb") as f:
+            sha.update(name.encode() + b"\0" + f.read())
+    return sha.hexdigest()[:16]
+
+
+def _files(directory: str) -> dict[str, str]:
+    return {n: os.path.join(directory, n) for n in os.listdir(directory)
+            if os.path.isfile(os.path.join(directory, n)) and not n.endswith(".tmp")}
+
+
+def _builder_config(config_name: str) -> MusicrlMusicConfig:
+    for config in MusicrlMusic.BUILDER_CONFIGS:
+        if config.name == config_name:
+            return config
+    raise ConfigError(f"musicrl_music has no config {config_name!r}; choose among "
+                      f"{[c.name for c in MusicrlMusic.BUILDER_CONFIGS]}.")
+
+
+def install_pretrained_assets(data_dir: str, config_name: str, tokenizer_dir: str | None,
+                              caption_vocab: str | None) -> None:
+    """Copies a pretrained tokenizer and caption vocabulary into the config's assets (once),
+    after checking the codec gives the config's token shape. Assets copied before from other
+    files mean the cached dataset holds other tokens or caption ids: a ConfigError names the
+    field, never a silent mix."""
+    cfg = _builder_config(config_name)
+    given = {"tokenizer_dir": tokenizer_dir, "caption_vocab": caption_vocab}
+    missing = [f"prepare_music_data.{k}" for k, v in given.items() if not v]
+    if missing:
+        raise ConfigError(f"musicrl_music/{config_name} tokenizes with a pretrained codec and "
+                          f"vocabulary, but {' and '.join(missing)} is not set. Fix: bind "
+                          "tokenizer_dir to a `python -m musicrl_jax.convert encodec` output and "
+                          "caption_vocab to T5's spiece.model (MUSICGEN_DIR/vocab/captions.model "
+                          "of a converted MusicGen).")
+    try:
+        tokenizer = load_tokenizer(tokenizer_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"prepare_music_data.tokenizer_dir={tokenizer_dir}: {err}") from None
+    shape = (tokenizer.num_codebooks, tokenizer.codebook_size)
+    if shape != (cfg.num_codebooks, cfg.codebook_size):
+        raise ConfigError(f"prepare_music_data.tokenizer_dir={tokenizer_dir} gives {shape[0]} "
+                          f"codebooks of {shape[1]}; musicrl_music/{config_name} holds "
+                          f"{cfg.num_codebooks} of {cfg.codebook_size}. Fix: convert the codec "
+                          "with the bandwidth that gives that many codebooks, or pick the config "
+                          "made for this codec.")
+    if not os.path.isfile(caption_vocab):
+        raise ConfigError(f"prepare_music_data.caption_vocab={caption_vocab} is not a file. Fix: "
+                          "point it at a SentencePiece model (T5's spiece.model).")
+    assets = assets_dir(data_dir, config_name)
+    wanted = {"tokenizer_dir": (_files(tokenizer_dir), os.path.join(assets, "tokenizer")),
+              "caption_vocab": ({vocab_lib.VOCAB_FILE: caption_vocab},
+                                os.path.join(assets, "vocab"))}
+    for field, (files, target) in wanted.items():
+        installed = _files(target) if os.path.isdir(target) else {}
+        if field == "caption_vocab":  # the vocab dir may hold other files
+            installed = {n: p for n, p in installed.items() if n in files}
+        if installed:
+            if _digest(installed) != _digest(files):
+                tfds_dir = os.path.join(os.path.abspath(data_dir), "musicrl_music", config_name)
+                raise ConfigError(
+                    f"prepare_music_data.{field}={given[field]} is not the one the cached "
+                    f"musicrl_music/{config_name} in {os.path.abspath(data_dir)} was built "
+                    f"with (copied to {target}). Fix: use another data_dir for this "
+                    f"codec/vocabulary, or delete {assets} and {tfds_dir} to rebuild.")
+            continue
+        tmp = f"{target}.{os.getpid()}.tmp"  # copied whole, then renamed: never half a copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        for name, src in files.items():
+            shutil.copyfile(src, os.path.join(tmp, name))
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
 
 
 class MusicrlMusic(tfds.core.GeneratorBasedBuilder):
@@ -74,6 +188,14 @@ class MusicrlMusic(tfds.core.GeneratorBasedBuilder):
                            num_clips=60, clip_seconds=2.0, num_codebooks=2, codebook_size=32,
                            hop_length=320, n_fft=1024, n_mels=80, caption_vocab_size=200,
                            max_clips_per_score=2),
+        MusicrlMusicConfig(name="musicgen", description="~4,000 clips of 10 s in MusicGen's "
+                           "tokens: its EnCodec (4 codebooks of 2048) and T5 SentencePiece.",
+                           num_clips=4000, clip_seconds=10.0, num_codebooks=4,
+                           codebook_size=2048, pretrained_codec=True),
+        MusicrlMusicConfig(name="musicgen_tiny", description="40 clips of 1 s through the "
+                           "pretrained-codec path for tests (4 codebooks of 64).",
+                           num_clips=40, clip_seconds=1.0, num_codebooks=4, codebook_size=64,
+                           max_clips_per_score=2, pretrained_codec=True),
     ]
     DEFAULT_CONFIG_NAME = "demo"
 
@@ -103,14 +225,27 @@ class MusicrlMusic(tfds.core.GeneratorBasedBuilder):
         del dl_manager  # everything is made locally; nothing is downloaded
         cfg = self.builder_config
         corpus_dir = os.path.join(self.assets, "corpus")
+        rate = synthesis.DEFAULT_SAMPLE_RATE
+        if cfg.pretrained_codec:
+            tokenizer_dir = os.path.join(self.assets, "tokenizer")
+            if not os.path.isdir(tokenizer_dir):
+                raise ConfigError(f"musicrl_music/{cfg.name}: no pretrained tokenizer in "
+                                  f"{tokenizer_dir}. Fix: build it with prepare_music_data "
+                                  "(tokenizer_dir=..., caption_vocab=...).")
+            rate = render_rate(load_tokenizer(tokenizer_dir).sample_rate)
         build = corpus_lib.build_corpus(corpus_dir, num_clips=cfg.num_clips,
                                         clip_seconds=cfg.clip_seconds, seed=cfg.seed,
-                                        max_clips_per_score=cfg.max_clips_per_score)
+                                        max_clips_per_score=cfg.max_clips_per_score,
+                                        sample_rate=rate)
         clips = {split: [c for c in build.clips if c.split == split] for split in SPLITS}
         empty = [s for s, c in clips.items() if not c]
         if empty:
             raise ConfigError(f"musicrl_music/{cfg.name}: the corpus in {corpus_dir} has no "
                               f"clips in split(s) {empty}. Fix: raise num_clips.")
+        if cfg.pretrained_codec:  # installed by prepare_music_data
+            tokenizer = load_tokenizer(os.path.join(self.assets, "tokenizer"))
+            return {split: self._generate_examples(corpus_dir, clips[split], tokenizer, split)
+                    for split in SPLITS}
         tokenizer = self._fit_tokenizer(corpus_dir, clips["train"])
         vocab_lib.train_caption_vocabulary([c.caption for c in clips["train"]],
                                            os.path.join(self.assets, "vocab"),
@@ -142,7 +277,7 @@ class MusicrlMusic(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, corpus_dir, clips, tokenizer, split):
         for clip in tqdm(clips, desc=f"encode {split}", mininterval=2.0):
             wav_path = os.path.join(corpus_dir, clip.wav)
-            tokens = tokenizer.encode(read_wav(wav_path))
+            tokens = tokenizer.encode(read_wav_at(wav_path, tokenizer.sample_rate))
             yield clip.clip_id, {
                 "clip_id": clip.clip_id,
                 "caption": clip.caption,
@@ -161,12 +296,25 @@ class MusicrlMusic(tfds.core.GeneratorBasedBuilder):
 
 
 @gin.configurable
-def prepare_music_data(data_dir: str = gin.REQUIRED, config_name: str = "demo") -> str:
-    """Builds `musicrl_music/<config_name>` (cached); returns its assets directory."""
+def prepare_music_data(data_dir: str = gin.REQUIRED, config_name: str = "demo",
+                       tokenizer_dir: str | None = None,
+                       caption_vocab: str | None = None) -> str:
+    """Builds `musicrl_music/<config_name>` (cached); returns its assets directory.
+    `tokenizer_dir` and `caption_vocab` (a pretrained codec and SentencePiece model) are for
+    the pretrained_codec configs (musicgen, musicgen_tiny) and refused by the others."""
+    cfg = _builder_config(config_name)
+    if cfg.pretrained_codec:
+        install_pretrained_assets(data_dir, config_name, tokenizer_dir, caption_vocab)
+    elif tokenizer_dir or caption_vocab:
+        raise ConfigError(f"prepare_music_data.tokenizer_dir/caption_vocab are set but "
+                          f"musicrl_music/{config_name} fits its own tokenizer and vocabulary. "
+                          "Fix: unset them, or use config_name='musicgen'.")
     builder = MusicrlMusic(config=config_name, data_dir=data_dir)
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     assets = assets_dir(data_dir, config_name)
+    if cfg.pretrained_codec:
+        return assets  # the pretrained vocabulary is kept as it is (no tempo pieces)
     vocab_dir = os.path.join(assets, "vocab")
     if not vocab_lib.caption_vocabulary_is_current(vocab_dir):
         # Captions are tokenised when read, so a cached dataset only needs its vocabulary refitted.
