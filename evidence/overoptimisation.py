@@ -47,7 +47,9 @@ def overoptimisation(out_dir: str = gin.REQUIRED, lm_dir: str = gin.REQUIRED,
                      num_eval_captions: int = 64, num_raters: int = 40,
                      sampling: decoding.SamplingConfig = decoding.SamplingConfig(),
                      seed: int = 0) -> dict:
-    """runs: {name: {"reward": "gold" or a key of reward_dirs, "beta": KL coefficient}}.
+    """runs: {name: {"reward": "gold" or a key of reward_dirs, "beta": KL coefficient, and
+    optionally "entropy_bonus" (RLConfig.entropy_bonus), "learning_rate" (RL's optimizer,
+    `rl/make_optimizer`) and "seed" (train_rl.seed)}}.
     reward_dirs: {reward name: a reward stage's run directory}; reward_tasks_by_name: {reward
     name: its task factory} (e.g. {'preference': @PreferenceRewardTask})."""
     out_dir = os.path.abspath(out_dir)
@@ -88,16 +90,23 @@ def overoptimisation(out_dir: str = gin.REQUIRED, lm_dir: str = gin.REQUIRED,
                 reference_source=tasks.seqio_source(split="validation"))
 
         print(f"== RL {run_name}: reward {name}, beta {spec['beta']} ==", flush=True)
+        rl_config = dataclasses.replace(
+            rl.RLConfig(), beta=float(spec["beta"]),
+            entropy_bonus=float(spec.get("entropy_bonus", rl.RLConfig().entropy_bonus)))
+        overrides = {"rl_config": rl_config, "num_steps": num_steps,
+                     "checkpoint_every": checkpoint_every,
+                     "keep_checkpoints": num_steps // checkpoint_every + 2}
+        if "seed" in spec:
+            overrides["seed"] = int(spec["seed"])
+        if "learning_rate" in spec:
+            overrides["optimizer"] = rl_finetune.optimizer_at(float(spec["learning_rate"]))
         rl_finetune.rl_finetune(
             lm_config=lm_config, init_checkpoint=lm_dir, reference_checkpoint=lm_dir,
             rewards=combination, workdir=workdir,
             caption_source=lambda: tasks.prompt_source(split="train"),
             eval_source=lambda: tasks.prompt_source(split="validation"),
             tokenizer_dir=os.path.join(assets, "tokenizer"),
-            train_rl_overrides={"rl_config": dataclasses.replace(rl.RLConfig(),
-                                                                 beta=float(spec["beta"])),
-                                "num_steps": num_steps, "checkpoint_every": checkpoint_every,
-                                "keep_checkpoints": num_steps // checkpoint_every + 2})
+            train_rl_overrides=overrides)
         stats = combination().stats[name]
         score = jax.jit(model.score)
         done = results.setdefault(run_name, {})

@@ -187,10 +187,11 @@ def rl_stages(run_dir: str, assets_dir: str, lm_config, reward_tasks: dict,
     """MusicRL fine-tuning runs, in order: {name: {"rewards": {reward: weight}, "init": stage}}
     where a reward 'text' is the stage `text_reward` trained above and "init" (default
     'pretrain') names the stage whose policy it starts from (MusicRL-RU: 'musicrl_r'). The KL
-    anchor is always the pretrained LM. Each is `rl_finetune` with the demo's gin settings."""
+    anchor is always the pretrained LM. Each is `rl_finetune` with the demo's gin settings,
+    except an optional "learning_rate" (RL's optimizer) per run."""
     from musicrl_jax import rewards as rewards_lib
     from musicrl_jax.data import tasks
-    from musicrl_jax.training.rl_finetune import rl_finetune
+    from musicrl_jax.training.rl_finetune import optimizer_at, rl_finetune
     results = {}
     for name, spec in experiments.items():
         weights = dict(spec["rewards"])
@@ -218,7 +219,9 @@ def rl_stages(run_dir: str, assets_dir: str, lm_config, reward_tasks: dict,
             caption_source=lambda: tasks.prompt_source(split="train"),
             eval_source=lambda: tasks.prompt_source(split="validation"),
             workdir=os.path.join(run_dir, name),
-            tokenizer_dir=os.path.join(assets_dir, "tokenizer"))
+            tokenizer_dir=os.path.join(assets_dir, "tokenizer"),
+            train_rl_overrides=({"optimizer": optimizer_at(float(spec["learning_rate"]))}
+                                if "learning_rate" in spec else None))
     return results
 
 

@@ -661,3 +661,18 @@ def test_ppo_clipping_holds_later_updates_near_the_sampling_policy(tiny_config, 
             assert metrics["clip_fraction_last"] > 0.05, metrics
     print(f"params moved: unclipped {moved[0.0]:.3f}, clip 0.1 {moved[0.1]:.3f}")
     assert moved[0.1] < 0.8 * moved[0.0], moved
+
+
+def test_optimizer_at_keeps_rl_scope_bindings_but_sets_the_learning_rate():
+    """A study's per-run learning rate keeps RL's other optimizer settings (warm-up, decay)."""
+    import gin
+    from musicrl_jax.training import rl_finetune
+    with gin.unlock_config():
+        gin.parse_config(["rl/make_optimizer.learning_rate = 1e-3",
+                          "rl/make_optimizer.warmup_steps = 5"])
+    try:
+        _, schedule = rl_finetune.optimizer_at(3e-4)(60)
+    finally:
+        gin.clear_config()
+    assert float(schedule(0)) == 0.0  # the rl scope's warm-up
+    np.testing.assert_allclose(float(schedule(5)), 3e-4, rtol=1e-6)

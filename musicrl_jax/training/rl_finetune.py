@@ -28,7 +28,7 @@ from musicrl_jax.errors import ConfigError
 from musicrl_jax.models import lora as lora_lib
 from musicrl_jax.models import music_lm
 from musicrl_jax.training import reward_tasks, rl
-from musicrl_jax.training.trainer import eval_history
+from musicrl_jax.training.trainer import eval_history, make_optimizer
 
 POLICY_KINDS = ("music_lm", "music_rl", "music_dpo")  # DPO trains with the TrainState
 
@@ -85,6 +85,15 @@ def rl_state_layout(params, opt_state) -> rl.RLState:
 
 
 @gin.configurable
+def optimizer_at(learning_rate: float) -> Callable:
+    """RL's optimizer factory (`rl/make_optimizer`'s gin bindings) at another learning rate:
+    a `train_rl_overrides["optimizer"]` for a study that sets it per run."""
+    def make(total_steps: int):
+        with gin.config_scope("rl"):
+            return make_optimizer(total_steps=total_steps, learning_rate=learning_rate)
+    return make
+
+
 def rl_finetune(lm_config=gin.REQUIRED, init_checkpoint: str = gin.REQUIRED,
                 rewards: Callable = gin.REQUIRED, caption_source: Callable = gin.REQUIRED,
                 workdir: str = gin.REQUIRED, *, reference_checkpoint: str | None = None,
