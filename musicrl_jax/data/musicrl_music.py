@@ -67,7 +67,6 @@ class MusicrlMusicConfig(tfds.core.BuilderConfig):
 # FluidSynth's synth.sample-rate range: a codec rate outside it is rendered at the nearest end
 # and resampled.
 RENDER_RATE_RANGE = (8000, 96000)
-PRETRAINED_FIELDS = ("tokenizer_dir", "caption_vocab")
 
 
 def assets_dir(data_dir: str, config_name: str) -> str:
