@@ -84,7 +84,6 @@ def rl_state_layout(params, opt_state) -> rl.RLState:
                       beta=jnp.zeros((), jnp.float32))
 
 
-@gin.configurable
 def optimizer_at(learning_rate: float) -> Callable:
     """RL's optimizer factory (`rl/make_optimizer`'s gin bindings) at another learning rate:
     a `train_rl_overrides["optimizer"]` for a study that sets it per run."""
@@ -94,6 +93,7 @@ def optimizer_at(learning_rate: float) -> Callable:
     return make
 
 
+@gin.configurable
 def rl_finetune(lm_config=gin.REQUIRED, init_checkpoint: str = gin.REQUIRED,
                 rewards: Callable = gin.REQUIRED, caption_source: Callable = gin.REQUIRED,
                 workdir: str = gin.REQUIRED, *, reference_checkpoint: str | None = None,
