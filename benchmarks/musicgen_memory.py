@@ -167,8 +167,8 @@ def measure(config, mesh, args, lora) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     rows = []
-    print(f"| model | params | mesh | mode | state | frozen (ref + rewards) | temp | total "
-          f"per device | HBM | samples/step |\n|---|---|---|---|---|---|---|---|---|---|",
+    print("| model | params | mesh | mode | state | frozen (ref + rewards) | temp | total "
+          "per device | HBM | samples/step |\n|---|---|---|---|---|---|---|---|---|---|",
           flush=True)
     for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
         config = musicgen_lm_config(size, args.frames, args.remat)
