@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import zipfile
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from musicrl_jax import hub
-from musicrl_jax.audio.tokenizer import CONFIG_FILENAME, AudioTokenizer
+from musicrl_jax.audio.tokenizer import CONFIG_FILENAME, AudioTokenizer, write_saved_tokenizer
 from musicrl_jax.errors import ConfigError
 
 __all__ = [
@@ -466,17 +465,9 @@ class EncodecTokenizer(AudioTokenizer):
     def save(self, directory: str | os.PathLike) -> None:
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
-        # Temp names then rename, so a crash never leaves half a tokenizer.
-        weights_path = os.path.join(directory, WEIGHTS_FILENAME)
-        with open(weights_path + ".tmp", "wb") as f:
-            np.savez(f, **{name: np.asarray(v) for name, v in self.params.items()})
-        os.replace(weights_path + ".tmp", weights_path)
         config = {"codec": self.codec_name, "format_version": _FORMAT_VERSION,
                   "spec": self.spec.to_json()}
-        config_path = os.path.join(directory, CONFIG_FILENAME)
-        with open(config_path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        os.replace(config_path + ".tmp", config_path)
+        write_saved_tokenizer(directory, config, WEIGHTS_FILENAME, self.params)
 
     @classmethod
     def _load(cls, directory: str, config: Mapping[str, Any]) -> "EncodecTokenizer":

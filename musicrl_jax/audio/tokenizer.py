@@ -221,6 +221,21 @@ class AudioTokenizer(abc.ABC):
         return toks.astype(np.int32, copy=False)
 
 
+def write_saved_tokenizer(directory: str, config: Mapping[str, Any], arrays_filename: str,
+                          arrays: Mapping[str, Any]) -> None:
+    """A codec's `save`: its arrays (one .npz), then config.json, each written to a temp name
+    and renamed, so a crash never leaves half a tokenizer (config.json last: it marks a
+    complete one)."""
+    arrays_path = os.path.join(directory, arrays_filename)
+    with open(arrays_path + ".tmp", "wb") as f:
+        np.savez(f, **{name: np.asarray(v) for name, v in arrays.items()})
+    os.replace(arrays_path + ".tmp", arrays_path)
+    config_path = os.path.join(directory, CONFIG_FILENAME)
+    with open(config_path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    os.replace(config_path + ".tmp", config_path)
+
+
 def load_tokenizer(directory: str | os.PathLike) -> AudioTokenizer:
     """Loads whichever codec ``directory`` holds."""
     return AudioTokenizer.load(directory)
@@ -936,16 +951,9 @@ class MelRVQTokenizer(AudioTokenizer):
         os.makedirs(directory, exist_ok=True)
         config = {"codec": self.codec_name, "format_version": _FORMAT_VERSION,
                   **self.config(), "fit_stats": self.fit_stats}
-        # Write to temp names and rename so a crash never leaves half a model.
-        arrays_path = os.path.join(directory, ARRAYS_FILENAME)
-        with open(arrays_path + ".tmp", "wb") as f:
-            np.savez(f, codebooks=codebooks, mel_mean=self.mel_mean,
-                     mel_std=self.mel_std)
-        os.replace(arrays_path + ".tmp", arrays_path)
-        config_path = os.path.join(directory, CONFIG_FILENAME)
-        with open(config_path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        os.replace(config_path + ".tmp", config_path)
+        write_saved_tokenizer(directory, config, ARRAYS_FILENAME,
+                              {"codebooks": codebooks, "mel_mean": self.mel_mean,
+                               "mel_std": self.mel_std})
 
     @classmethod
     def _load(cls, directory: str, config: Mapping[str, Any]) -> "MelRVQTokenizer":
