@@ -46,10 +46,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
+from rl_memory import compiled_memory  # noqa: E402  (the sibling benchmark's compile)
 from musicrl_jax import convert, partitioning  # noqa: E402
 from musicrl_jax.models import lora as lora_lib  # noqa: E402
 from musicrl_jax.models import music_lm  # noqa: E402
@@ -119,48 +117,13 @@ def reward_combination(lm_config: music_lm.MusicLMConfig) -> RewardCombination:
                                               for name in models})
 
 
-def gib(num_bytes) -> float:
-    return num_bytes / 2**30
-
-
-def tree_bytes_per_device(tree, shardings) -> float:
-    """Bytes one device holds of `tree` laid out by `shardings`."""
-    total = 0
-    for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
-        shard = sharding.shard_shape(leaf.shape)
-        total += int(jnp.dtype(leaf.dtype).itemsize) * int(
-            jnp.prod(jnp.asarray(shard)) if shard else 1)
-    return total
-
-
 def measure(config, mesh, args, lora) -> dict:
     rl_config = rl.RLConfig(samples_per_caption=args.samples_per_caption,
                             num_frames=config.max_frames)
     captions = args.captions_per_device * mesh.devices.size
     combination = reward_combination(config)
-    tx = optax.adam(1e-5)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    reward_params = combination.params
-    reward_shardings = jax.tree.map(lambda _: replicated, reward_params)
-    with partitioning.mesh_context(mesh):
-        param_shardings = rl.lm_param_shardings(config, mesh)
-        abstract_params = jax.eval_shape(
-            lambda r: partitioning.unbox(music_lm.init_params(config, r)), jax.random.PRNGKey(0))
-        abstract_state, state_shardings = rl.abstract_rl_state(config, tx, mesh, rl_config,
-                                                               lora=lora)
-        step = rl.jit_rl_step(rl.make_rl_step(config, tx, combination.reward_fn, rl_config, lora),
-                              state_shardings, param_shardings, mesh, reward_shardings)
-        caption_spec = jax.ShapeDtypeStruct((captions, config.max_caption_length), jnp.int32)
-        compiled = step.lower(abstract_state, abstract_params, reward_params, caption_spec,
-                              jax.random.PRNGKey(0)).compile()
-    analysis = compiled.memory_analysis()
-    state_bytes = tree_bytes_per_device(abstract_state, state_shardings)
-    frozen_bytes = (tree_bytes_per_device(abstract_params, param_shardings)
-                    + tree_bytes_per_device(reward_params, reward_shardings))
-    total = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-             - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
-    return {"state_GiB": gib(state_bytes), "frozen_GiB": gib(frozen_bytes),
-            "temp_GiB": gib(analysis.temp_size_in_bytes), "total_GiB": gib(total),
+    return {**compiled_memory(config, rl_config, captions, lora, mesh, combination.reward_fn,
+                              combination.params),
             "samples_per_step": captions * args.samples_per_caption}
 
 

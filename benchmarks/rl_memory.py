@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import sys
 
@@ -30,6 +31,7 @@ sys.path.insert(0, REPO_ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from rl_step import load_config  # noqa: E402  (the sibling benchmark's model loading)
 from musicrl_jax import partitioning  # noqa: E402
@@ -54,29 +56,44 @@ def toy_reward(params, caption_tokens, audio_codes, audio_mask=None):
     return reward, {"toy": reward}
 
 
-def compiled_memory(config, rl_config, captions, lora=None) -> dict:
-    mesh = partitioning.make_mesh(data=1, devices=jax.devices()[:1])
+def compiled_memory(config, rl_config, captions, lora=None, mesh=None, reward_fn=toy_reward,
+                    reward_params=None) -> dict:
+    """Per-device figures of the compiled step on `mesh` (default: one device); reward_params
+    (abstract or real) are replicated."""
+    mesh = mesh or partitioning.make_mesh(data=1, devices=jax.devices()[:1])
+    reward_params = {} if reward_params is None else reward_params
     tx = optax.adam(1e-5)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    reward_shardings = jax.tree.map(lambda _: replicated, reward_params)
     param_shardings = rl.lm_param_shardings(config, mesh)
     abstract_params = jax.eval_shape(
         lambda r: partitioning.unbox(music_lm.init_params(config, r)), jax.random.PRNGKey(0))
     with partitioning.mesh_context(mesh):
         abstract_state, state_shardings = rl.abstract_rl_state(config, tx, mesh, rl_config,
                                                                lora=lora)
-        step = rl.jit_rl_step(rl.make_rl_step(config, tx, toy_reward, rl_config, lora),
-                              state_shardings, param_shardings, mesh)
+        step = rl.jit_rl_step(rl.make_rl_step(config, tx, reward_fn, rl_config, lora),
+                              state_shardings, param_shardings, mesh, reward_shardings)
         caption_spec = jax.ShapeDtypeStruct((captions, config.max_caption_length), jnp.int32)
-        compiled = step.lower(abstract_state, abstract_params, {}, caption_spec,
+        compiled = step.lower(abstract_state, abstract_params, reward_params, caption_spec,
                               jax.random.PRNGKey(0)).compile()
     analysis = compiled.memory_analysis()
     trainable = sum(x.size for x in jax.tree.leaves(abstract_state.params))
-    figures = {"trainable_M": trainable / 1e6,
-               "arguments_GiB": analysis.argument_size_in_bytes / 2**30,
-               "temp_GiB": analysis.temp_size_in_bytes / 2**30,
-               "total_GiB": (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                             - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
-               / 2**30}
-    return figures
+    frozen = (tree_bytes_per_device(abstract_params, param_shardings)
+              + tree_bytes_per_device(reward_params, reward_shardings))
+    return {"trainable_M": trainable / 1e6,
+            "state_GiB": tree_bytes_per_device(abstract_state, state_shardings) / 2**30,
+            "frozen_GiB": frozen / 2**30,
+            "arguments_GiB": analysis.argument_size_in_bytes / 2**30,
+            "temp_GiB": analysis.temp_size_in_bytes / 2**30,
+            "total_GiB": (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                          - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+            / 2**30}
+
+
+def tree_bytes_per_device(tree, shardings) -> int:
+    """Bytes one device holds of `tree` laid out by `shardings`."""
+    return sum(int(jnp.dtype(leaf.dtype).itemsize) * math.prod(sharding.shard_shape(leaf.shape))
+               for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
 
 def main(argv=None):
