@@ -41,7 +41,7 @@ def _moved(before, after) -> dict[str, bool]:
             for name in before}
 
 
-def _check(config, moved):
+def assert_only_the_frozen_encoder_stayed(config, moved):
     assert TEXT_ENCODER < set(moved)  # the names are the model's
     frozen = {name for name, m in moved.items() if not m}
     if config.freeze_text_encoder:
@@ -67,7 +67,7 @@ def test_pretraining_steps_leave_a_frozen_text_encoder_bit_identical(config):
         for i in range(3):
             batch = task.train_source.train_batch(i, 8)
             state, _ = step(state, partitioning.shard_batch(batch, mesh))
-    _check(config, _moved(start, partitioning.unbox(state.params)))
+    assert_only_the_frozen_encoder_stayed(config, _moved(start, partitioning.unbox(state.params)))
 
 
 def _reward_fn(params, captions, codes):
@@ -93,7 +93,7 @@ def test_an_rl_update_leaves_a_frozen_text_encoder_bit_identical(config):
         state, metrics = step(state, params, {"scale": jnp.float32(1.0)}, captions,
                               jax.random.PRNGKey(0))
     assert float(metrics["grad_norm"]) > 0
-    _check(config, _moved(params, state.params))
+    assert_only_the_frozen_encoder_stayed(config, _moved(params, state.params))
 
 
 def _adapted(config, lora_config):

@@ -22,8 +22,9 @@ import jax  # noqa: E402
 import soundfile as sf  # noqa: E402
 from flax import traverse_util  # noqa: E402
 from scipy.signal import resample_poly  # noqa: E402
-from test_musicgen import K, VOCAB, _tiny_musicgen  # noqa: E402
-from test_musicgen_serving import BANDWIDTH, SAMPLE_RATE, _tiny_encodec, _train_spiece  # noqa
+from test_musicgen import K, VOCAB  # noqa: E402
+from test_musicgen_serving import (  # noqa: E402
+    BANDWIDTH, SAMPLE_RATE, _tiny_encodec, write_hub_folders)
 
 from musicrl_jax import convert, export, partitioning  # noqa: E402
 from musicrl_jax.audio.tokenizer import load_tokenizer  # noqa: E402
@@ -65,10 +66,7 @@ def _encodec_that_tells_clips_apart():
 def musicgen(tmp_path_factory):
     """Converted tiny MusicGen and EnCodec, and the musicgen_tiny data built from them."""
     root = tmp_path_factory.mktemp("musicgen_rl")
-    hub, encodec_hub = root / "musicgen_hub", root / "encodec_hub"
-    _tiny_musicgen().save_pretrained(str(hub), safe_serialization=True)
-    _train_spiece(str(hub / "spiece.model"))
-    _encodec_that_tells_clips_apart().save_pretrained(str(encodec_hub))
+    hub, encodec_hub = write_hub_folders(root, _encodec_that_tells_clips_apart())
     run, codec, data_dir = root / "musicgen", root / "encodec", root / "data"
     assert convert.main(["musicgen", "--source", str(hub), "--out", str(run),
                          "--max_caption_length", str(CAPTION_LENGTH)]) == 0

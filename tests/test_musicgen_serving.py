@@ -75,14 +75,21 @@ def _cli(module: str, *args: str) -> str:
     return result.stdout
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("musicgen_serving")
+def write_hub_folders(root, encodec_model):
+    """A tiny MusicGen (with a T5-style spiece.model) and `encodec_model` saved in the model
+    hub's layout under `root`; returns their folders."""
     musicgen_hub, encodec_hub = root / "musicgen_hub", root / "encodec_hub"
     _tiny_musicgen().save_pretrained(str(musicgen_hub), safe_serialization=True)
     _train_spiece(str(musicgen_hub / "spiece.model"))
-    encodec_model = _tiny_encodec()
     encodec_model.save_pretrained(str(encodec_hub))
+    return musicgen_hub, encodec_hub
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("musicgen_serving")
+    encodec_model = _tiny_encodec()
+    musicgen_hub, encodec_hub = write_hub_folders(root, encodec_model)
     run, artifact, out = root / "run", root / "artifact", root / "out"
 
     _cli("musicrl_jax.convert", "musicgen", "--source", str(musicgen_hub), "--out", str(run),
