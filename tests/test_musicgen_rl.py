@@ -32,7 +32,7 @@ from musicrl_jax.data import musicrl_music, tasks  # noqa: E402
 from musicrl_jax.data.sources import ArraySource  # noqa: E402
 from musicrl_jax.errors import ConfigError  # noqa: E402
 from musicrl_jax.main import parse_gin, run_job  # noqa: E402
-from musicrl_jax.models import lora, music_lm  # noqa: E402
+from musicrl_jax.models import music_lm  # noqa: E402
 from musicrl_jax.training import rl, rl_finetune, trainer  # noqa: E402
 from musicrl_jax.training.reward_tasks import PreferenceRewardTask  # noqa: E402
 
@@ -255,7 +255,7 @@ def test_musicrl_u_on_the_converted_musicgen_with_encodec_tokens(musicgen, tmp_p
     after = traverse_util.flatten_dict(
         jax.device_get(partitioning.unbox(result["policy_params"])), sep="/")
     assert set(after) == set(before)
-    frozen = {k for k in before if lora.in_text_encoder(k.split("/")[0])}
+    frozen = {k for k in before if music_lm.in_text_encoder(k.split("/")[0])}
     assert frozen and any("encoder_0" in k for k in frozen)  # T5's layers are in the set
     changed = {k for k in before if not np.array_equal(np.asarray(after[k]), before[k])}
     assert changed and not changed & frozen, sorted(changed & frozen)[:5]

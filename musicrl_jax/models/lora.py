@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from typing import Any
 
 import gin
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from musicrl_jax.errors import ConfigError
+from musicrl_jax.models import music_lm
 
 ATTENTION_KERNELS = ("query", "key", "value", "out")
 MLP_KERNELS = ("wi_gate", "wi_up", "wo")
@@ -33,18 +33,6 @@ MLP_KERNELS = ("wi_gate", "wi_up", "wo")
 # model has) adapt every MLP.
 UNGATED_MLP_INPUT = "wi"
 KERNELS = ATTENTION_KERNELS + MLP_KERNELS + (UNGATED_MLP_INPUT,)
-# The LM's text encoder: the top-level params before its (trainable) encoder_projection.
-TEXT_ENCODER = re.compile(r"caption_embed|encoder_\d+|encoder_norm|relative_attention_bias")
-
-
-def frozen_text_encoder(lm_config) -> bool:
-    """Whether `lm_config` (a MusicLMConfig; other configs never) freezes the text encoder."""
-    return bool(getattr(lm_config, "freeze_text_encoder", False))
-
-
-def in_text_encoder(name) -> bool:
-    """Whether the LM's top-level param `name` belongs to its text encoder."""
-    return isinstance(name, str) and TEXT_ENCODER.fullmatch(name) is not None
 
 
 @gin.configurable
@@ -74,7 +62,7 @@ class LoRAConfig:
 def for_model(config: LoRAConfig | None, lm_config) -> LoRAConfig | None:
     """`config` for the LM of `lm_config`: without text-encoder adapters when the LM freezes
     its text encoder (its output is stop_gradient'ed, so they would never train)."""
-    if config is None or not frozen_text_encoder(lm_config):
+    if config is None or not music_lm.frozen_text_encoder(lm_config):
         return config
     return dataclasses.replace(config, adapt_text_encoder=False)
 
@@ -95,7 +83,7 @@ def targeted(config: LoRAConfig, base) -> dict[tuple, Any]:
     flat = traverse_util.flatten_dict(base)
     return {path: w for path, w in flat.items()
             if _is_target(config, path[-1]) and getattr(w, "ndim", 0) >= 2
-            and (config.adapt_text_encoder or not in_text_encoder(path[0]))}
+            and (config.adapt_text_encoder or not music_lm.in_text_encoder(path[0]))}
 
 
 def init(config: LoRAConfig, base, rng) -> dict[str, Any]:

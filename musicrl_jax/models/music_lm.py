@@ -9,6 +9,7 @@ each codebook's embedding is summed into one input vector per step.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -138,6 +139,22 @@ class MusicLMConfig:
     @property
     def compute_dtype(self):
         return _DTYPES[self.dtype]
+
+
+# The text encoder's top-level params (those before the trainable encoder_projection), which
+# freeze_text_encoder keeps still (trainer.freeze) and LoRA then leaves alone.
+TEXT_ENCODER_PARAMS = re.compile(r"caption_embed|encoder_\d+|encoder_norm|relative_attention_bias")
+
+
+def frozen_text_encoder(config) -> bool:
+    """Whether `config` (a MusicLMConfig; any other task config never) freezes the text
+    encoder."""
+    return bool(getattr(config, "freeze_text_encoder", False))
+
+
+def in_text_encoder(name) -> bool:
+    """Whether the LM's top-level param `name` belongs to its text encoder."""
+    return isinstance(name, str) and TEXT_ENCODER_PARAMS.fullmatch(name) is not None
 
 
 # --- delay pattern -------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from musicrl_jax import partitioning
 from musicrl_jax.checkpoints import Checkpointer, abstract_like
 from musicrl_jax.errors import ConfigError, Preempted
-from musicrl_jax.models import lora
+from musicrl_jax.models import music_lm
 
 
 class TrainingDivergedError(RuntimeError):
@@ -61,13 +61,13 @@ def freeze(tx, config):
     freeze_text_encoder) never move: their gradients and updates are zeroed, so neither Adam nor
     weight decay drifts them. The state keeps `tx`'s layout (checkpoints of frozen and unfrozen
     runs restore alike), at the cost of Adam moments, held at zero, for the frozen params."""
-    if not lora.frozen_text_encoder(config):
+    if not music_lm.frozen_text_encoder(config):
         return tx  # nothing frozen: the very same transformation
 
     def zero_frozen(tree):
         def leaf(path, x):
             top = getattr(path[0], "key", None) if path else None  # the top-level param name
-            return jnp.zeros_like(x) if lora.in_text_encoder(top) else x
+            return jnp.zeros_like(x) if music_lm.in_text_encoder(top) else x
         return jax.tree_util.tree_map_with_path(leaf, tree)
 
     def update(updates, state, params=None, **extra_args):
