@@ -74,12 +74,14 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
 def mesh_context(mesh: Mesh, rules=None):
     """Activates the mesh and the logical axis rules for jit / `nn.with_logical_constraint`.
 
-    Flax resolves activation constraints against the physical mesh context (`with mesh`);
-    `jax.set_mesh` does not activate them in flax 0.12, hence the legacy form.
+    Flax 0.12 applies `nn.with_logical_constraint` only under `jax.set_mesh` (it reads the
+    abstract mesh; under the legacy `with mesh` alone every activation constraint is a silent
+    no-op and the batch is replicated over fsdp); the legacy form is kept for code that reads
+    the physical mesh.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*context manager has been deprecated.*")
-        with mesh, nn.logical_axis_rules(rules or logical_axis_rules()):
+        with mesh, jax.set_mesh(mesh), nn.logical_axis_rules(rules or logical_axis_rules()):
             yield
 
 
@@ -166,7 +168,11 @@ def replicate(tree, mesh: Mesh):
 
 
 def unbox(tree):
-    return nn.meta.unbox(tree)
+    """Strips the logical-axis boxes without flax's sharding constraint (which fails on
+    abstract or host values under `jax.set_mesh`); placement is jit's in/out shardings' job."""
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x, tree,
+        is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def rebox(boxed, values):

@@ -56,3 +56,27 @@ def test_shard_batch_splits_leading_axis():
     assert batch["x"].sharding.spec == PartitionSpec(("data", "fsdp"), None)
     assert batch["x"].addressable_shards[0].data.shape == (2, 2)
     np.testing.assert_array_equal(np.asarray(batch["x"]), np.arange(16).reshape(8, 2))
+
+
+def test_activations_stay_sharded_over_fsdp(tiny_config):
+    """The model's logical activation constraints really apply: with the weights split over
+    fsdp=8, each device computes its 1/8 of the batch, not the whole batch (they were once a
+    silent no-op, and every device ran the global batch)."""
+    mesh = partitioning.make_mesh(data=1, fsdp=8, tensor=1)
+    batch, frames = 16, tiny_config.max_frames
+    params, shardings = partitioning.sharded_init(
+        lambda rng: music_lm.init_params(tiny_config, rng), mesh, jax.random.PRNGKey(0))
+    captions = jax.ShapeDtypeStruct((batch, tiny_config.max_caption_length), np.int32)
+    codes = jax.ShapeDtypeStruct((batch, frames, tiny_config.num_codebooks), np.int32)
+
+    def loss(p, c, a):
+        return music_lm.lm_loss(tiny_config, p, c, a)[0]
+
+    with partitioning.mesh_context(mesh):
+        hlo = jax.jit(jax.grad(loss), in_shardings=(
+            shardings, partitioning.batch_sharding(mesh, 2), partitioning.batch_sharding(mesh, 3))
+        ).lower(params, captions, codes).compile().as_text()
+    length = frames + tiny_config.num_codebooks - 1
+    mlp_hidden = f"[{{}},{length},{tiny_config.mlp_dim}]"
+    assert mlp_hidden.format(batch // 8) in hlo
+    assert mlp_hidden.format(batch) not in hlo
