@@ -28,7 +28,7 @@ from test_musicgen_serving import (  # noqa: E402
 
 from musicrl_jax import convert, export, partitioning  # noqa: E402
 from musicrl_jax.audio.tokenizer import load_tokenizer  # noqa: E402
-from musicrl_jax.data import musicrl_music, tasks  # noqa: E402
+from musicrl_jax.data import build, musicrl_music, tasks  # noqa: E402
 from musicrl_jax.data.sources import ArraySource  # noqa: E402
 from musicrl_jax.errors import ConfigError  # noqa: E402
 from musicrl_jax.main import parse_gin, run_job  # noqa: E402
@@ -73,8 +73,10 @@ def musicgen(tmp_path_factory):
     assert convert.main(["encodec", "--source", str(encodec_hub), "--out", str(codec),
                          "--bandwidth", str(BANDWIDTH)]) == 0
     vocab = run / "vocab" / "captions.model"
-    assets = musicrl_music.prepare_music_data(str(data_dir), "musicgen_tiny",
-                                              tokenizer_dir=str(codec), caption_vocab=str(vocab))
+    # Through the CLI a user runs: its flags reach prepare_music_data.
+    build.main(["--data_dir", str(data_dir), "--config", "musicgen_tiny",
+                "--tokenizer_dir", str(codec), "--caption_vocab", str(vocab)])
+    assets = musicrl_music.assets_dir(str(data_dir), "musicgen_tiny")
     return {"root": root, "run": str(run), "codec": str(codec), "vocab": str(vocab),
             "data_dir": str(data_dir), "assets": assets}
 
@@ -110,7 +112,7 @@ def test_the_data_holds_encodec_tokens_of_the_resampled_render_and_t5_caption_id
     assert prompts["caption_tokens"].max() < T5_VOCAB
 
 
-def test_a_cache_built_with_another_codec_or_vocabulary_is_refused(musicgen, tmp_path):
+def test_a_cache_built_with_another_codec_or_vocabulary_is_refused(musicgen, tmp_path, capsys):
     other = load_tokenizer(musicgen["codec"])
     name = sorted(other.params)[0]
     other.params = {**other.params, name: other.params[name] + 1.0}
@@ -129,6 +131,10 @@ def test_a_cache_built_with_another_codec_or_vocabulary_is_refused(musicgen, tmp
     assert musicrl_music.prepare_music_data(
         musicgen["data_dir"], "musicgen_tiny", str(tmp_path / "codec_copy"),
         musicgen["vocab"]) == musicgen["assets"]
+    with pytest.raises(SystemExit) as exit_info:
+        build.main(["--data_dir", musicgen["data_dir"], "--config", "musicgen_tiny"])
+    assert exit_info.value.code == 2
+    assert "--tokenizer_dir" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="prepare_music_data.tokenizer_dir is not set"):
         musicrl_music.prepare_music_data(musicgen["data_dir"], "musicgen_tiny", None,
                                          musicgen["vocab"])

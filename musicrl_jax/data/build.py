@@ -1,12 +1,16 @@
 """Builds the music dataset (corpus, tokenizer, caption vocabulary, TFDS splits) and prints counts.
 
 python -m musicrl_jax.data.build --data_dir DIR [--config demo|paper]
+python -m musicrl_jax.data.build --data_dir DIR --config musicgen \
+    --tokenizer_dir CKPT/tokenizer --caption_vocab CKPT/spiece.model   # a converted MusicGen
 (A separate module: TFDS builders cannot be defined in `__main__`.)
 """
 
 import argparse
+import sys
 import time
 
+from musicrl_jax.errors import ConfigError
 from musicrl_jax.data.musicrl_music import MusicrlMusic, prepare_music_data
 
 
@@ -15,9 +19,18 @@ def main(argv=None):
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--config", default="demo",
                         choices=[c.name for c in MusicrlMusic.BUILDER_CONFIGS])
+    parser.add_argument("--tokenizer_dir", help="a pretrained codec's tokenizer directory "
+                        "(the musicgen configs: `convert encodec`'s output)")
+    parser.add_argument("--caption_vocab", help="a pretrained SentencePiece model (the musicgen "
+                        "configs: the converted checkpoint's T5 spiece.model)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    assets = prepare_music_data(args.data_dir, args.config)
+    try:
+        assets = prepare_music_data(args.data_dir, args.config, args.tokenizer_dir,
+                                    args.caption_vocab)
+    except ConfigError as err:
+        print(f"\nmusicrl_jax.data.build: error: {err}", file=sys.stderr)
+        sys.exit(2)
     builder = MusicrlMusic(config=args.config, data_dir=args.data_dir)
     splits = {name: info.num_examples for name, info in builder.info.splits.items()}
     print(f"musicrl_music/{args.config}: {splits} in {time.perf_counter() - start:.0f}s; "

@@ -128,7 +128,7 @@ def install_pretrained_assets(data_dir: str, config_name: str, tokenizer_dir: st
     if missing:
         raise ConfigError(f"musicrl_music/{config_name} tokenizes with a pretrained codec and "
                           f"vocabulary, but {' and '.join(missing)} is not set. Fix: bind "
-                          "tokenizer_dir to a `python -m musicrl_jax.convert encodec` output and "
+                          "(or pass data.build --tokenizer_dir / --caption_vocab) tokenizer_dir to a `python -m musicrl_jax.convert encodec` output and "
                           "caption_vocab to T5's spiece.model (MUSICGEN_DIR/vocab/captions.model "
                           "of a converted MusicGen).")
     try:
