@@ -11,6 +11,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -42,9 +43,9 @@ def demo_batch(tmp_path_factory):
 class Session:
     """A TestClient on a fresh database, with helpers for logging in and voting."""
 
-    def __init__(self, batch, db_path, **settings):
+    def __init__(self, batch, db_path, clock=time.time, **settings):
         self.batch, self.db_path = batch, db_path
-        self.store = Store(db_path)
+        self.store = Store(db_path, clock)
         self.app = create_app(batch, self.store, ServerSettings(admin_token=ADMIN, **settings))
 
     def client(self, listener_id=None):
@@ -80,9 +81,11 @@ def session(demo_batch, tmp_path):
 
 def test_requests_without_a_session_or_with_a_bad_token_are_refused(session):
     client = session.client()
-    for path in ("/", "/api/next", f"/audio/{session.batch.pairs[0].clips[0].clip_id}"):
+    for path in ("/api/next", f"/audio/{session.batch.pairs[0].clips[0].clip_id}"):
         response = client.get(path)
         assert response.status_code == 401 and "error" in response.json()
+    page = client.get("/")  # a person: the reason and the login form
+    assert page.status_code == 401 and "no session" in page.text and 'action="/login"' in page.text
     assert client.post("/api/vote", json={"pair_id": "x", "choice": "a"}).status_code == 401
     response = client.get("/login", params={"token": "not-an-invite"}, follow_redirects=False)
     assert response.status_code == 401

@@ -168,6 +168,8 @@ def _asgi(app, method, path, chunks=(), headers=(), cookie=None):
     asyncio.run(app(scope, receive, send))
     status = next(m["status"] for m in replies if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in replies if m["type"] == "http.response.body")
+    if body.startswith(b"<!doctype html>"):  # 401 on the page's routes: for a person
+        return status, {"error": body.decode()}, pulled
     return status, json.loads(body) if body else None, pulled
 
 

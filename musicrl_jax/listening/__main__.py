@@ -185,6 +185,9 @@ def serve_command(args) -> None:
     if args.max_body_bytes < 1024:
         raise ConfigError(f"--max-body-bytes {args.max_body_bytes}: too small for a vote; "
                           "use at least 1024 (default 16384).")
+    if not args.session_max_age_hours > 0:
+        raise ConfigError(f"--session-max-age-hours {args.session_max_age_hours}: a session "
+                          "must last some time; use a positive number of hours (default 24).")
     proxy_headers = args.proxy_headers or bool(args.trusted_proxy)
     if proxy_headers and not (args.trusted_proxy and args.base_url):
         raise ConfigError("--proxy-headers needs --trusted-proxy ADDR (the reverse proxy's "
@@ -206,7 +209,9 @@ def serve_command(args) -> None:
               file=sys.stderr)
     settings = ServerSettings(admin_token=admin_token, rate_per_second=args.rate_per_second,
                               rate_burst=args.rate_burst, secure_cookies=args.secure_cookies,
-                              max_body_bytes=args.max_body_bytes, allowed_hosts=hosts)
+                              max_body_bytes=args.max_body_bytes, allowed_hosts=hosts,
+                              session_max_age_s=args.session_max_age_hours * 3600.0,
+                              max_votes_per_listener=args.max_votes_per_listener)
     app = create_app(batch, Store(args.db), settings)
     print(f"serving batch {batch.batch_id!r} ({len(batch.pairs)} pairs) on "
           f"http://{args.host}:{args.port}/", file=sys.stderr)
@@ -292,6 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--base-url", help="the address listeners open (e.g. "
                        "https://listen.example.org): requests for any other Host are refused "
                        "(default: the --host/--port address)")
+    serve.add_argument("--session-max-age-hours", type=float, default=24.0,
+                       help="a session's lifetime from its login; then the invite link starts "
+                       "a new one")
+    serve.add_argument("--max-votes-per-listener", type=int, default=0,
+                       help="votes taken from one listener (further votes: 403; <= 0: no cap "
+                       "but the batch's pairs)")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=serve_command)
 

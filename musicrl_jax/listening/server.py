@@ -18,10 +18,15 @@ and the vote routes read theirs only after the session checks out.
 
 Refusals are JSON {"error": message} with a 4xx status: 401 no/unknown session or token,
 403 bad CSRF / foreign Origin / pair or clip not issued to this listener, 404 unknown pair or
-clip, 409 repeated vote, 400/422 malformed input, 413 body too large, 429 rate limit (token
+clip or vote quota reached, 409 a different second vote on a pair (the same vote sent again,
+as a client retrying after a lost answer does, is 200 with the stored vote's id and
+"replayed": true), 400/422 malformed input, 413 body too large, 429 rate limit (token
 bucket per listener; per client address for failed logins). Every refusal that smells of
 probing (bad tokens, bad CSRF, pairs not issued, path traversal, malformed ids, oversized
 bodies) goes to the `security_events` table and the `musicrl_jax.listening.security` logger.
+A session lasts ServerSettings.session_max_age_s from its login; after that the HTML routes
+answer 401 with the login form (the invite link or its token starts a new session) and the
+JSON routes 401 with a message saying so.
 """
 
 from __future__ import annotations
@@ -43,13 +48,14 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from starlette.concurrency import run_in_threadpool
 
 from musicrl_jax.listening.batch import ID_PATTERN, Batch
-from musicrl_jax.listening.store import (CHOICES, SECURITY_LOG, DuplicateVote, Store,
-                                         assignment_order)
+from musicrl_jax.listening.store import (CHOICES, SECURITY_LOG, DuplicateVote, QuotaReached,
+                                         SessionExpired, Store, assignment_order)
 from musicrl_jax.listening.summary import format_summary, summarize
 
 SESSION_COOKIE = "listening_session"
 CSRF_HEADER = "x-csrf-token"
 MAX_BODY_BYTES = 16 * 1024
+HTML_ROUTES = ("/", "/vote")  # the page and its form; the rest answer JSON
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +66,15 @@ class ServerSettings:
     the largest request body any route reads (a vote is a few hundred bytes).
     security_events_per_second / _burst: the cap on security events recorded per client address
     (a token bucket, as for listeners; <= 0: no cap). allowed_hosts: the Host header values
-    ("name" or "name:port") served; any other is refused (empty: no check)."""
+    ("name" or "name:port") served; any other is refused (empty: no check).
+    session_max_age_s: a session's lifetime from its login (a day: a sitting with breaks;
+    the invite link starts a new one). max_votes_per_listener: votes taken from one listener
+    (<= 0: no cap but the batch's pairs)."""
     admin_token: str
     rate_per_second: float = 5.0
     rate_burst: int = 60
-    session_max_age_s: float = 30 * 24 * 3600.0
+    session_max_age_s: float = 24 * 3600.0
+    max_votes_per_listener: int = 0
     secure_cookies: bool = False
     max_body_bytes: int = MAX_BODY_BYTES
     security_events_per_second: float = 0.1
@@ -306,6 +316,10 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
             await run_in_threadpool(events.record, exc.event, _client(request),
                                     request.url.path, exc.listener_id,
                                     f"{exc.message} {exc.detail}".strip())
+        if exc.status == 401 and request.url.path in HTML_ROUTES:
+            # A person is behind these: show why, and the form that starts a new session.
+            body = f"<p id=refusal>{html.escape(exc.message)}</p>{_LOGIN_FORM}"
+            return HTMLResponse(_page("Log in", body), status_code=401, headers=exc.headers)
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -325,7 +339,14 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
         if not session_id:
             refuse_unauthenticated(request, "no session: open your invite link "
                                    "(/login?token=...)", None)
-        session = store.session(session_id, settings.session_max_age_s)
+        try:
+            session = store.session(session_id, settings.session_max_age_s)
+        except SessionExpired as expired:
+            # Not a guess: no security event, no draw on the failed-login bucket.
+            raise Refused(401, f"session expired: it started {expired.age_s / 3600:.1f} h ago "
+                          f"and sessions last {settings.session_max_age_s / 3600:g} h (server "
+                          "setting session_max_age_s, `serve --session-max-age-hours`). Open "
+                          "your invite link again to start a new session.")
         if session is None:
             refuse_unauthenticated(request, "unknown or expired session: open your invite "
                                    "link again", "bad_session")
@@ -347,9 +368,21 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
             raise Refused(403, "missing or wrong CSRF token: reload the page", "bad_csrf",
                           listener_id)
 
+    def quota_reached(votes_cast: int) -> bool:
+        return 0 < settings.max_votes_per_listener <= votes_cast
+
+    def quota_message(votes_cast: int) -> str:
+        return (f"vote quota reached: you have cast {votes_cast} votes, the most this server "
+                f"takes from one listener (server setting max_votes_per_listener = "
+                f"{settings.max_votes_per_listener}, `serve --max-votes-per-listener`). "
+                "Thank you!")
+
     def next_pair(listener_id: str):
-        """The first pair in the listener's order without their vote, issued; None when done."""
+        """The first pair in the listener's order without their vote, issued; None when done
+        (every pair voted on, or the listener's quota reached)."""
         voted = store.voted_pairs(listener_id)
+        if quota_reached(len(voted)):
+            return None, None, len(voted)
         for pair_id in assignment_order(pair_ids, batch.batch_id, listener_id):
             if pair_id not in voted:
                 pair = batch.pair(pair_id)
@@ -383,10 +416,13 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
             raise Refused(403, f"pair {pair_id!r} was not issued to you", "pair_not_issued",
                           listener_id)
         try:
-            vote_id = store.record_vote(issued, choice, ratings["a"], ratings["b"])
+            vote_id, replayed = store.record_vote(issued, choice, ratings["a"], ratings["b"],
+                                                  settings.max_votes_per_listener)
         except DuplicateVote:
-            raise Refused(409, f"you already voted on pair {pair_id!r}")
-        return {"vote_id": vote_id, "pair_id": pair_id, "choice": choice}
+            raise Refused(409, f"you already voted on pair {pair_id!r}, differently")
+        except QuotaReached as reached:
+            raise Refused(403, quota_message(reached.votes_cast))
+        return {"vote_id": vote_id, "pair_id": pair_id, "choice": choice, "replayed": replayed}
 
     def set_session_cookie(response: Response, request: Request, session_id: str):
         response.set_cookie(SESSION_COOKIE, session_id, max_age=int(settings.session_max_age_s),
@@ -427,8 +463,9 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
         listener_id, csrf_token = listener(request)
         pair, issued, done = next_pair(listener_id)
         if pair is None:
-            return HTMLResponse(_page("Thank you", f"<h1>Thank you!</h1><p>You judged all "
-                                      f"{done} pairs of this batch.</p>"))
+            message = (f"You judged {done} pairs, as many as this session takes."
+                       if quota_reached(done) else f"You judged all {done} pairs of this batch.")
+            return HTMLResponse(_page("Thank you", f"<h1>Thank you!</h1><p>{message}</p>"))
         return HTMLResponse(_pair_page(pair, issued, csrf_token, done, len(pair_ids)),
                             headers={"Cache-Control": "no-store"})
 
@@ -452,14 +489,14 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
         listener_id, csrf_token = listener(request)
         pair, issued, done = next_pair(listener_id)
         body = {"done": pair is None, "judged": done, "total": len(pair_ids),
-                "csrf_token": csrf_token}
+                "csrf_token": csrf_token, "quota_reached": quota_reached(done)}
         if pair is not None:
             body.update(pair_id=pair.pair_id, caption=pair.caption,
                         audio_a=f"/audio/{issued['clip_a']}", audio_b=f"/audio/{issued['clip_b']}")
         return body
 
     @app.post("/api/vote", status_code=201)
-    async def api_vote(request: Request):
+    async def api_vote(request: Request, response: Response):
         listener_id, csrf_token = await run_in_threadpool(listener, request)
         check_csrf(request, listener_id, csrf_token, request.headers.get(CSRF_HEADER))
         body = await request.body()  # capped by _BodyLimit
@@ -469,7 +506,10 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
             if not isinstance(fields, dict):
                 raise Refused(422, "body must be a JSON object with pair_id, choice, "
                               "rating_a, rating_b")
-            return submit(request, listener_id, fields)
+            result = submit(request, listener_id, fields)
+            if result["replayed"]:
+                response.status_code = 200  # nothing new was created
+            return result
         return await run_in_threadpool(handle)
 
     @app.get("/audio/{clip_id:path}")

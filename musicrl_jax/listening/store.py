@@ -9,7 +9,12 @@ pure function of (batch id, listener id). The server *issues* a listener the fir
 order they have not voted on, picking at random (and recording, in `issued`) which clip is
 shown as A. A listener may vote only on a pair issued to them; any other pair id — a pair
 further down their order, or a pair id they were never shown — counts as "another listener's
-pair" and is refused. UNIQUE(listener_id, pair_id) in `votes` makes a second vote a conflict.
+pair" and is refused. UNIQUE(listener_id, pair_id) in `votes` makes a second vote a conflict;
+the same vote sent again (a client retrying after a lost response or a server restart) is
+answered with the stored vote instead, so a retry is never counted twice.
+
+Durability: every vote is committed (WAL, synchronous=FULL) before the server answers, so an
+acknowledged vote survives a killed server process and a power cut.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from musicrl_jax.errors import ConfigError
 
@@ -88,7 +93,23 @@ CREATE TABLE IF NOT EXISTS security_events (
 
 
 class DuplicateVote(Exception):
-    """The listener already voted on this pair."""
+    """The listener already voted on this pair, differently."""
+
+
+class QuotaReached(Exception):
+    """The listener has cast the most votes the server takes from one listener."""
+
+    def __init__(self, votes_cast: int):
+        super().__init__(votes_cast)
+        self.votes_cast = votes_cast
+
+
+class SessionExpired(Exception):
+    """The session exists but is older than the server's session lifetime."""
+
+    def __init__(self, age_s: float):
+        super().__init__(age_s)
+        self.age_s = age_s
 
 
 def token_hash(token: str) -> str:
@@ -110,16 +131,20 @@ def assignment_order(pair_ids: list[str], batch_id: str, listener_id: str) -> li
 
 class Store:
     """Thread-safe access to one database file (one connection behind a lock: SQLite runs
-    one writer at a time anyway, and this keeps 'database is locked' out of the request path)."""
+    one writer at a time anyway, and this keeps 'database is locked' out of the request path).
+    `clock` stamps every row and ages sessions (tests pass a fake one)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, clock: Callable[[], float] = time.time):
+        self.path, self.clock = path, clock
         try:
             self._conn = sqlite3.connect(path, check_same_thread=False, timeout=10.0,
                                          isolation_level=None)
             self._conn.row_factory = sqlite3.Row
             self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable on commit
+            # FULL, not NORMAL: WAL + NORMAL survives a killed process but can lose the last
+            # commits on a power cut, and a vote is acknowledged only after its commit. One
+            # fsync per vote is nothing at the rate people vote.
+            self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.execute("PRAGMA busy_timeout=10000")
             self._conn.executescript(_SCHEMA)
         except sqlite3.Error as err:
@@ -150,7 +175,7 @@ class Store:
         token = secrets.token_urlsafe(24)
         try:
             self._execute("INSERT INTO listeners (listener_id, token_hash, created_at) "
-                          "VALUES (?, ?, ?)", (listener_id, token_hash(token), time.time()))
+                          "VALUES (?, ?, ?)", (listener_id, token_hash(token), self.clock()))
         except sqlite3.IntegrityError as err:
             raise ConfigError(f"invite --name {listener_id!r}: that listener already exists. "
                               "Fix: choose another name (or use `invite --revoke`).") from err
@@ -172,17 +197,21 @@ class Store:
         """Returns (session id for the cookie, CSRF token for the session's forms)."""
         session_id, csrf_token = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         self._execute("INSERT INTO sessions VALUES (?, ?, ?, ?)",
-                      (token_hash(session_id), listener_id, csrf_token, time.time()))
+                      (token_hash(session_id), listener_id, csrf_token, self.clock()))
         return session_id, csrf_token
 
     def session(self, session_id: str, max_age_s: float) -> tuple[str, str] | None:
-        """(listener_id, csrf_token) of a live session of a listener not revoked, else None."""
+        """(listener_id, csrf_token) of a session of a listener not revoked, else None; raises
+        SessionExpired if the session is older than `max_age_s`."""
         rows = self._query(
             "SELECT s.listener_id, s.csrf_token, s.created_at FROM sessions s JOIN listeners l "
             "ON l.listener_id = s.listener_id WHERE s.session_hash = ? AND l.revoked = 0",
             (token_hash(session_id),))
-        if not rows or time.time() - rows[0]["created_at"] > max_age_s:
+        if not rows:
             return None
+        age_s = self.clock() - rows[0]["created_at"]
+        if age_s > max_age_s:
+            raise SessionExpired(age_s)
         return rows[0]["listener_id"], rows[0]["csrf_token"]
 
     # --- batches, issuing and voting ---------------------------------------------------------
@@ -209,7 +238,7 @@ class Store:
             self._conn.execute(
                 "INSERT OR IGNORE INTO issued VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (listener_id, pair_id, batch_id, clip_a, clip_b, model_a, model_b, swapped,
-                 time.time()))
+                 self.clock()))
             return self._conn.execute("SELECT * FROM issued WHERE listener_id = ? AND "
                                       "pair_id = ?", (listener_id, pair_id)).fetchone()
 
@@ -222,22 +251,45 @@ class Store:
         return bool(self._query("SELECT 1 FROM issued WHERE listener_id = ? AND (clip_a = ? OR "
                                 "clip_b = ?) LIMIT 1", (listener_id, clip_id, clip_id)))
 
+    def vote_count(self, listener_id: str) -> int:
+        return self._query("SELECT COUNT(*) AS n FROM votes WHERE listener_id = ?",
+                           (listener_id,))[0]["n"]
+
     def record_vote(self, issued: sqlite3.Row, choice: str, rating_a: int | None,
-                    rating_b: int | None) -> int:
-        """Stores a vote on an issued pair; raises DuplicateVote on a second vote."""
-        try:
-            cursor = self._execute(
-                "INSERT INTO votes (listener_id, pair_id, batch_id, clip_a, clip_b, model_a, "
-                "model_b, swapped, choice, rating_a, rating_b, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (issued["listener_id"], issued["pair_id"], issued["batch_id"], issued["clip_a"],
-                 issued["clip_b"], issued["model_a"], issued["model_b"], issued["swapped"],
-                 choice, rating_a, rating_b, time.time()))
-        except sqlite3.IntegrityError as err:
-            if "UNIQUE" in str(err):
-                raise DuplicateVote(issued["pair_id"]) from err
-            raise
-        return int(cursor.lastrowid)
+                    rating_b: int | None, max_votes: int = 0) -> tuple[int, bool]:
+        """Stores a vote on an issued pair; returns (vote_id, replayed). The same vote sent
+        again returns the stored one's id with replayed=True. Raises DuplicateVote for a
+        different vote on the pair, QuotaReached when the listener already cast `max_votes`
+        (> 0) votes. One IMMEDIATE transaction, so the checks and the insert are atomic even
+        against another process on the database."""
+        listener_id, pair_id = issued["listener_id"], issued["pair_id"]
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                stored = self._conn.execute(
+                    "SELECT vote_id, choice, rating_a, rating_b FROM votes WHERE listener_id = ? "
+                    "AND pair_id = ?", (listener_id, pair_id)).fetchone()
+                if stored is not None:
+                    if tuple(stored)[1:] != (choice, rating_a, rating_b):
+                        raise DuplicateVote(pair_id)
+                    self._conn.execute("COMMIT")
+                    return int(stored["vote_id"]), True
+                votes_cast = self._conn.execute("SELECT COUNT(*) FROM votes WHERE "
+                                                "listener_id = ?", (listener_id,)).fetchone()[0]
+                if max_votes > 0 and votes_cast >= max_votes:
+                    raise QuotaReached(votes_cast)
+                cursor = self._conn.execute(
+                    "INSERT INTO votes (listener_id, pair_id, batch_id, clip_a, clip_b, model_a, "
+                    "model_b, swapped, choice, rating_a, rating_b, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (listener_id, pair_id, issued["batch_id"], issued["clip_a"],
+                     issued["clip_b"], issued["model_a"], issued["model_b"], issued["swapped"],
+                     choice, rating_a, rating_b, self.clock()))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return int(cursor.lastrowid), False
 
     def votes(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._query("SELECT * FROM votes ORDER BY vote_id")]
@@ -254,7 +306,7 @@ class Store:
                              listener_id, path, detail)
         self._execute("INSERT INTO security_events (created_at, kind, listener_id, client, path, "
                       "detail) VALUES (?, ?, ?, ?, ?, ?)",
-                      (time.time(), kind, listener_id, client, path, detail))
+                      (self.clock(), kind, listener_id, client, path, detail))
 
     def security_events(self) -> list[dict[str, Any]]:
         return [dict(r) for r in self._query("SELECT * FROM security_events ORDER BY event_id")]
