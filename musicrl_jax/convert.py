@@ -39,12 +39,13 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF (via CLU) only for errors
 
 from musicrl_jax import hub  # noqa: E402
-from musicrl_jax.errors import ConfigError  # noqa: E402
+from musicrl_jax.errors import ConfigError, make_output_dir, report_user_errors  # noqa: E402
 
 LM_KIND = "music_lm"  # what a pretraining run's checkpoints hold (tasks.PretrainTask.kind)
 GIN_FILE = "config.gin"
 VOCAB_FILE = os.path.join("vocab", "captions.model")  # generate.VOCAB_FILE's layout
 SPIECE_FILE = "spiece.model"  # T5's SentencePiece model in a MusicGen hub folder
+PROG = "python -m musicrl_jax.convert"
 
 
 # --- MusicGen ------------------------------------------------------------------------------------
@@ -373,6 +374,7 @@ def _encodec_arguments(parser: argparse.ArgumentParser) -> None:
 def _encodec_run(args) -> None:
     from musicrl_jax.audio.encodec import convert_encodec
 
+    make_output_dir(args.out, "--out")
     tokenizer = convert_encodec(args.source, args.out, bandwidth=args.bandwidth)
     print(f"EnCodec {args.source}: {tokenizer.sample_rate} Hz, {tokenizer.num_codebooks} "
           f"codebooks of {tokenizer.codebook_size}, {tokenizer.frame_rate:g} frames/s")
@@ -388,19 +390,16 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 }
 
 
+@report_user_errors(PROG)
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m musicrl_jax.convert",
+    parser = argparse.ArgumentParser(prog=PROG,
                                      description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
     for name, command in SUBCOMMANDS.items():
         command.add_arguments(commands.add_parser(name, help=command.help,
                                                   description=command.help))
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        SUBCOMMANDS[args.kind].run(args)
-    except ConfigError as err:
-        print(f"\nmusicrl_jax.convert: error: {err}", file=sys.stderr)
-        return 2
+    SUBCOMMANDS[args.kind].run(args)
     return 0
 
 

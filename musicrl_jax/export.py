@@ -52,10 +52,11 @@ import numpy as np
 from flax import traverse_util
 
 from musicrl_jax import decoding, generate, partitioning
-from musicrl_jax.errors import ConfigError
+from musicrl_jax.errors import ConfigError, report_user_errors
 from musicrl_jax.models import music_lm
 from musicrl_jax.training import rl_finetune
 
+PROG = "python -m musicrl_jax.export"
 
 
 # --- restoring the policy ----------------------------------------------------------------------
@@ -94,7 +95,7 @@ def _check_assets(assets_dir: str, config: music_lm.MusicLMConfig):
     """The tokenizer and vocabulary directories, after checking they fit the model."""
     import sentencepiece as spm
 
-    from musicrl_jax.audio.tokenizer import load_tokenizer
+    from musicrl_jax.audio.tokenizer import load_tokenizer_input
 
     tokenizer_dir = os.path.join(assets_dir, "tokenizer")
     vocab_path = os.path.join(assets_dir, generate.VOCAB_FILE)
@@ -103,10 +104,8 @@ def _check_assets(assets_dir: str, config: music_lm.MusicLMConfig):
             raise ConfigError(f"--assets_dir {assets_dir}: {path} is missing. Fix: pass the "
                               "dataset's assets directory (DATA_DIR/musicrl_music_assets/"
                               "CONFIG, which holds tokenizer/ and vocab/).")
-    try:
-        tokenizer = load_tokenizer(tokenizer_dir)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"--assets_dir {assets_dir}: the tokenizer does not load: {err}") from err
+    tokenizer = load_tokenizer_input(tokenizer_dir,
+                                     f"--assets_dir {assets_dir}: the tokenizer does not load")
     if (tokenizer.num_codebooks, tokenizer.codebook_size) != (config.num_codebooks,
                                                                config.codebook_size):
         raise ConfigError(
@@ -226,7 +225,7 @@ def _parse_model_config(gin_config: str | None, meta: dict, bindings: list[str])
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m musicrl_jax.export",
+    parser = argparse.ArgumentParser(prog=PROG,
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint_dir", required=True,
                         help="a policy stage's checkpoints/ directory (or its run directory)")
@@ -257,14 +256,11 @@ def run(args) -> dict:
                          source=source)
 
 
+@report_user_errors(PROG)
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
-    try:
-        manifest = run(args)
-    except ConfigError as err:
-        print(f"\nmusicrl_jax.export: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    manifest = run(args)
     size = sum(f["bytes"] for f in manifest["files"].values())
     print(f"Exported {manifest['source']['kind']} step {manifest['source']['step']} to "
           f"{args.out}: {size / 2**20:.1f} MiB, batch {manifest['batch_size']}, "

@@ -32,7 +32,8 @@ import zipfile
 
 import numpy as np
 
-from musicrl_jax.errors import ConfigError
+from musicrl_jax import jsonl
+from musicrl_jax.errors import ConfigError, make_output_dir, report_user_errors
 
 # The artifact format, shared with musicrl_jax.export (the writer imports it from here, the
 # reader must stay light).
@@ -47,6 +48,7 @@ PROGRAM_FILES = {"conditional": "sample_conditional.jax_export",
 PAD_ID, EOS_ID = 0, 1  # seqio/T5 ids the caption vocabulary was trained with
 PRNG_IMPL = "threefry2x32"
 
+PROG = "python -m musicrl_jax.generate"
 _REEXPORT = ("Fix: re-export it (python -m musicrl_jax.export --checkpoint_dir ... --out DIR) "
              "or copy the artifact directory again.")
 
@@ -197,10 +199,7 @@ class Artifact:
 def read_captions(captions: list[str], captions_file: str | None) -> list[str]:
     captions = list(captions or [])
     if captions_file:
-        if not os.path.isfile(captions_file):
-            raise ConfigError(f"--captions_file {captions_file}: no such file.")
-        with open(captions_file, encoding="utf-8") as f:
-            captions += [line.strip() for line in f if line.strip()]
+        captions += jsonl.read_lines(captions_file, "--captions_file", "caption")
     if not captions:
         raise ConfigError("No captions. Fix: pass --caption TEXT (repeatable) or --captions_file "
                           "with one caption per line.")
@@ -208,7 +207,7 @@ def read_captions(captions: list[str], captions_file: str | None) -> list[str]:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m musicrl_jax.generate",
+    parser = argparse.ArgumentParser(prog=PROG,
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--artifact", required=True, help="directory written by the export")
     parser.add_argument("--caption", action="append", default=[], help="repeatable")
@@ -233,11 +232,11 @@ def run(args) -> dict:
             f"batches of {artifact.batch_size}. Fix: drop --batch_size, or re-export with "
             f"python -m musicrl_jax.export --batch_size {args.batch_size}.")
     caption_tokens = artifact.tokenize(captions)
+    make_output_dir(args.out_dir, "--out_dir")
     start = time.perf_counter()
     samples = artifact.sample(caption_tokens, seed=args.seed, temperature=args.temperature,
                               guidance=args.guidance)
     sample_seconds = time.perf_counter() - start
-    os.makedirs(args.out_dir, exist_ok=True)
     np.savez(os.path.join(args.out_dir, "codes.npz"), caption_tokens=caption_tokens,
              captions=np.array(captions), seed=args.seed, temperature=args.temperature,
              guidance=args.guidance, **samples)
@@ -248,13 +247,10 @@ def run(args) -> dict:
             "sample_seconds": sample_seconds, "decode_seconds": decode_seconds}
 
 
+@report_user_errors(PROG)
 def main(argv=None) -> dict:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        result = run(args)
-    except ConfigError as err:
-        print(f"\nmusicrl_jax.generate: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    result = run(args)
     for path in result["wavs"]:
         print(path)
     print(f"codes: {result['codes']} (sampling {result['sample_seconds']:.2f} s, "

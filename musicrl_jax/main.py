@@ -15,6 +15,7 @@ from absl import app, flags, logging
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF (via seqio/CLU) only for errors
 
+PROG = "python -m musicrl_jax.main"
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("gin_file", [], "Gin config files (searched in gin_search_paths).")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'train.num_steps=10'.")
@@ -98,15 +99,15 @@ def main(argv):
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep Orbax/CLU chatter out of the progress bar
     maybe_initialize_distributed()
-    from musicrl_jax.errors import ConfigError, Preempted
+    from musicrl_jax.audio.synthesis import SynthesisUnavailableError
+    from musicrl_jax.errors import Preempted, report_user_errors
     from musicrl_jax.training.trainer import TrainingDivergedError
     try:
-        parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
-        run_job()
-    except (ConfigError, TrainingDivergedError) as err:
-        logging.flush()
-        print(f"\nmusicrl_jax: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        # Also the user's to fix: a diverged loss (in the config) and a missing FluidSynth or
+        # soundfont (to install), as their messages say.
+        with report_user_errors(PROG, TrainingDivergedError, SynthesisUnavailableError):
+            parse_gin(FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.gin_search_paths)
+            run_job()
     except Preempted as err:
         # Exit 0 like a finished run: nothing failed, and the saved step resumes. Later stages
         # of the job did not run.

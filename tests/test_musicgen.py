@@ -213,7 +213,9 @@ def _run_cli(*args):
 
 
 def _main_error(capsys, source, out):
-    assert convert.main(["musicgen", "--source", str(source), "--out", str(out)]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main(["musicgen", "--source", str(source), "--out", str(out)])
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "error:" in err
     return err

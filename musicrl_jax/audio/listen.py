@@ -11,13 +11,16 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import zipfile
 
 import numpy as np
 import soundfile as sf
 
 from musicrl_jax.audio.synthesis import finish_clip, write_wav
-from musicrl_jax.audio.tokenizer import AudioTokenizer, load_tokenizer
-from musicrl_jax.errors import ConfigError
+from musicrl_jax.audio.tokenizer import AudioTokenizer, load_tokenizer_input
+from musicrl_jax.errors import ConfigError, make_output_dir, report_user_errors
+
+PROG = "python -m musicrl_jax.audio.listen"
 
 
 def decode_clips(tokenizer: AudioTokenizer, codes: np.ndarray) -> np.ndarray:
@@ -45,10 +48,48 @@ def codes_to_wavs(tokenizer: AudioTokenizer, codes: np.ndarray, out_dir: str,
     return write_wavs(decode_clips(tokenizer, codes), tokenizer.sample_rate, out_dir, prefix)
 
 
-def round_trip_wav(tokenizer: AudioTokenizer, wav_path: str, out_dir: str) -> tuple[str, str]:
+def read_clip(path: str, flag: str, sample_rate: int) -> np.ndarray:
+    """A clip the user named as `flag`, mono float32 [samples] at `sample_rate` (the
+    tokenizer's): a missing or unreadable file or another rate is a ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{flag} {path}: no such file. Fix: pass an audio file (WAV, FLAC "
+                          "or OGG).")
+    try:
+        audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    except sf.SoundFileError as err:  # libsndfile cannot read it
+        raise ConfigError(f"{flag} {path}: not readable audio ({err}). Fix: pass a WAV, FLAC "
+                          "or OGG file.") from err
+    if rate != sample_rate:
+        raise ConfigError(f"{flag} {path} is {rate} Hz audio, but the tokenizer reads "
+                          f"{sample_rate} Hz. Fix: resample it, e.g. ffmpeg -i {path} -ar "
+                          f"{sample_rate} OUT.wav.")
+    return audio.mean(axis=1)
+
+
+def read_codes(path: str, flag: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(codes, mask or None) from a file the user named as `flag`: an .npz with `codes` (and
+    optionally `mask`), as sampled codes are saved, or a .npy of codes. A missing file, another
+    kind of file or an .npz without `codes` is a ConfigError."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{flag} {path}: no such file.")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"{flag} {path}: not a NumPy .npz/.npy file ({err}). Fix: save the "
+                          "codes with np.savez(path, codes=codes).") from err
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        return loaded, None
+    with loaded:
+        if "codes" not in loaded.files:
+            raise ConfigError(f"{flag} {path}: no 'codes' array (found {loaded.files}). Fix: "
+                              "save the sampled codes as np.savez(path, codes=codes).")
+        return loaded["codes"], loaded["mask"] if "mask" in loaded.files else None
+
+
+def round_trip_wav(tokenizer: AudioTokenizer, wav_path: str, out_dir: str,
+                   flag: str = "--wav") -> tuple[str, str]:
     """Copies a clip and writes its encode->decode reconstruction; returns (original, decoded)."""
-    audio, rate = sf.read(wav_path, dtype="float32", always_2d=False)
-    tokens = tokenizer.encode(audio if audio.ndim == 1 else audio.mean(1), sample_rate=rate)
+    tokens = tokenizer.encode(read_clip(wav_path, flag, tokenizer.sample_rate))
     stem = os.path.splitext(os.path.basename(wav_path))[0]
     original = os.path.join(out_dir, f"{stem}.original.wav")
     os.makedirs(out_dir, exist_ok=True)
@@ -57,23 +98,22 @@ def round_trip_wav(tokenizer: AudioTokenizer, wav_path: str, out_dir: str) -> tu
     return original, decoded
 
 
+@report_user_errors(PROG)
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--tokenizer", required=True, help="saved tokenizer directory")
     parser.add_argument("--out_dir", required=True)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokens", help=".npz with a `codes` array, or a .npy of codes")
     source.add_argument("--wav", help="a clip to round-trip through the tokenizer")
     args = parser.parse_args(argv)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer_input(args.tokenizer, f"--tokenizer {args.tokenizer}")
+    make_output_dir(args.out_dir, "--out_dir")
     if args.wav:
         for path in round_trip_wav(tokenizer, args.wav, args.out_dir):
             print(path)
         return
-    if not os.path.exists(args.tokens):
-        raise SystemExit(f"--tokens {args.tokens}: no such file.")
-    loaded = np.load(args.tokens)
-    codes = loaded["codes"] if isinstance(loaded, np.lib.npyio.NpzFile) else loaded
+    codes, _ = read_codes(args.tokens, "--tokens")
     for path in codes_to_wavs(tokenizer, codes, args.out_dir):
         print(path)
 

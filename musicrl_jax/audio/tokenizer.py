@@ -38,11 +38,14 @@ import jax.numpy as jnp
 import librosa
 import numpy as np
 
+from musicrl_jax.errors import ConfigError
+
 __all__ = [
     "AudioTokenizer",
     "MelRVQTokenizer",
     "fit_kmeans",
     "load_tokenizer",
+    "load_tokenizer_input",
     "reconstruction_metrics",
 ]
 
@@ -241,14 +244,33 @@ def load_tokenizer(directory: str | os.PathLike) -> AudioTokenizer:
     return AudioTokenizer.load(directory)
 
 
+def load_tokenizer_input(directory: str | os.PathLike, source: str) -> AudioTokenizer:
+    """`load_tokenizer` of a directory the user named; `source` says where, e.g. "--tokenizer
+    DIR". Missing, mistaken or damaged, it is a ConfigError "<source>: <the load's error>",
+    which names the file at fault and the fix."""
+    try:
+        return load_tokenizer(directory)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{source}: {err}") from err
+
+
 def _read_config(directory: str | os.PathLike) -> dict[str, Any]:
     directory = os.fspath(directory)
     path = os.path.join(directory, CONFIG_FILENAME)
+    if os.path.isfile(directory):
+        raise NotADirectoryError(
+            f"{directory!r} is a file, not a tokenizer directory; pass the directory "
+            "holding config.json (a dataset's musicrl_music_assets/CONFIG/tokenizer).")
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f"tokenizer directory {directory!r} does not exist; fit a tokenizer "
             "and call tokenizer.save(directory) first (e.g. python "
             "benchmarks/tokenizer.py --save_dir DIR).")
+    nested = os.path.join(directory, "tokenizer")
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(nested, CONFIG_FILENAME)):
+        raise FileNotFoundError(
+            f"{directory} has no {CONFIG_FILENAME}; it looks like a dataset assets folder. "
+            f"Fix: pass its tokenizer folder, {nested}.")
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path} is missing; the directory does not hold a saved "

@@ -7,15 +7,19 @@ python -m musicrl_jax.data.build --data_dir DIR --config musicgen \
 """
 
 import argparse
-import sys
 import time
 
-from musicrl_jax.errors import ConfigError
+from musicrl_jax.audio.synthesis import SynthesisUnavailableError
 from musicrl_jax.data.musicrl_music import MusicrlMusic, prepare_music_data
+from musicrl_jax.errors import make_output_dir, report_user_errors
+
+PROG = "python -m musicrl_jax.data.build"
 
 
+# A missing FluidSynth or soundfont is the user's to install, as its message says.
+@report_user_errors(PROG, SynthesisUnavailableError)
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--data_dir", required=True)
     parser.add_argument("--config", default="demo",
                         choices=[c.name for c in MusicrlMusic.BUILDER_CONFIGS])
@@ -25,12 +29,9 @@ def main(argv=None):
                         "configs: the converted checkpoint's T5 spiece.model)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    try:
-        assets = prepare_music_data(args.data_dir, args.config, args.tokenizer_dir,
-                                    args.caption_vocab)
-    except ConfigError as err:
-        print(f"\nmusicrl_jax.data.build: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    make_output_dir(args.data_dir, "--data_dir")
+    assets = prepare_music_data(args.data_dir, args.config, args.tokenizer_dir,
+                                args.caption_vocab)
     builder = MusicrlMusic(config=args.config, data_dir=args.data_dir)
     splits = {name: info.num_examples for name, info in builder.info.splits.items()}
     print(f"musicrl_music/{args.config}: {splits} in {time.perf_counter() - start:.0f}s; "

@@ -51,6 +51,7 @@ from musicrl_jax.data.orchestration import GM_INSTRUMENTS
 from musicrl_jax.data.scores import (COLLECTIONS, STYLES, TUNE_COLLECTIONS, Collection, ScoreNotes,
                                      Style, _cached_index, _parse_unit, _predominant_signature,
                                      _read_score, _style_name, corpus_root)
+from musicrl_jax.errors import ConfigError, make_output_dir, report_user_errors
 
 INDEX_FORMAT_VERSION = 1  # layout of corpus_index.json
 SPLITS = ("train", "validation", "test")
@@ -66,6 +67,7 @@ RENDER_GAP_SECONDS = 2.0
 MANIFEST_NAME = "manifest.jsonl"
 BUILD_LOG_NAME = "build_log.json"
 INDEX_NAME = "corpus_index.json"
+PROG = "python -m musicrl_jax.data.corpus"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,14 +140,16 @@ class CorpusBuild:
 def load_manifest(out_dir: str, split: str | None = None) -> list[ClipSpec]:
     """Clip records of a built corpus, optionally only one split.
 
-    A malformed line raises ValueError naming the file and the line number.
+    A missing manifest or a malformed line raises ConfigError (a ValueError) naming the file
+    and the line number.
     """
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     path = os.path.join(out_dir, MANIFEST_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing; build the corpus with "
-                                f"`python -m musicrl_jax.data.corpus --out_dir {out_dir}`.")
+        raise ConfigError(f"{path} is missing: {out_dir} is not a built corpus. Fix: build it "
+                          f"with `python -m musicrl_jax.data.corpus --out_dir {out_dir}`, or "
+                          "pass the directory that holds manifest.jsonl.")
     clips = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -157,7 +161,8 @@ def load_manifest(out_dir: str, split: str | None = None) -> list[ClipSpec]:
                     raise ValueError("record is not a JSON object")
                 spec = ClipSpec.from_dict(record)
             except (ValueError, TypeError) as err:
-                raise ValueError(f"{path}:{line_no}: malformed manifest record ({err}).") from err
+                raise ConfigError(f"{path}:{line_no}: malformed manifest record ({err}). Fix: "
+                                  "rebuild the corpus.") from err
             if split is None or spec.split == split:
                 clips.append(spec)
     return clips
@@ -490,13 +495,13 @@ def build_corpus(out_dir: str, num_clips: int = 2000, clip_seconds: float = DEFA
     render are skipped and listed in the build log; no usable clip at all is a RuntimeError.
     """
     if num_clips < 1:
-        raise ValueError(f"num_clips must be positive, got {num_clips}")
+        raise ConfigError(f"num_clips must be positive, got {num_clips}")
     if clip_seconds <= 0:
-        raise ValueError(f"clip_seconds must be positive, got {clip_seconds}")
+        raise ConfigError(f"clip_seconds must be positive, got {clip_seconds}")
     names = list(collections) if collections else list(COLLECTIONS)
     unknown = [n for n in names if n not in COLLECTIONS]
     if unknown:
-        raise ValueError(f"unknown collections {unknown}; available: {sorted(COLLECTIONS)}")
+        raise ConfigError(f"unknown collections {unknown}; available: {sorted(COLLECTIONS)}")
     sf2 = synthesis.find_soundfont(soundfont)
     synthesis.find_fluidsynth()
     if max_clips_per_score is None:
@@ -654,9 +659,11 @@ def _prune_unreferenced(out_dir: str, clips: list[ClipSpec]) -> int:
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
+# A missing FluidSynth or soundfont is the user's to install, as its message says.
+@report_user_errors(PROG, synthesis.SynthesisUnavailableError)
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m musicrl_jax.data.corpus",
+        prog=PROG,
         description="Render captioned clips from the music21 corpus with FluidSynth.")
     parser.add_argument("--out_dir", required=True)
     parser.add_argument("--num_clips", type=int, default=2000)
@@ -667,6 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--collections", nargs="+", default=None, choices=sorted(COLLECTIONS))
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
+    make_output_dir(args.out_dir, "--out_dir")
     build = build_corpus(args.out_dir, num_clips=args.num_clips, clip_seconds=args.clip_seconds,
                          seed=args.seed, num_workers=args.num_workers, soundfont=args.soundfont,
                          collections=args.collections)

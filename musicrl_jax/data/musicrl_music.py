@@ -35,7 +35,7 @@ import tensorflow_datasets as tfds
 from tqdm import tqdm
 
 from musicrl_jax.audio import synthesis
-from musicrl_jax.audio.tokenizer import MelRVQTokenizer, load_tokenizer
+from musicrl_jax.audio.tokenizer import MelRVQTokenizer, load_tokenizer, load_tokenizer_input
 from musicrl_jax.data import corpus as corpus_lib
 from musicrl_jax.data import vocab as vocab_lib
 from musicrl_jax.errors import ConfigError
@@ -108,7 +108,8 @@ def _files(directory: str) -> dict[str, str]:
             if os.path.isfile(os.path.join(directory, n)) and not n.endswith(".tmp")}
 
 
-def _builder_config(config_name: str) -> MusicrlMusicConfig:
+def builder_config(config_name: str) -> MusicrlMusicConfig:
+    """The named config; an unknown name (a gin binding or flag) is a ConfigError."""
     for config in MusicrlMusic.BUILDER_CONFIGS:
         if config.name == config_name:
             return config
@@ -122,19 +123,18 @@ def install_pretrained_assets(data_dir: str, config_name: str, tokenizer_dir: st
     after checking the codec gives the config's token shape. Assets copied before from other
     files mean the cached dataset holds other tokens or caption ids: a ConfigError names the
     field, never a silent mix."""
-    cfg = _builder_config(config_name)
+    cfg = builder_config(config_name)
     given = {"tokenizer_dir": tokenizer_dir, "caption_vocab": caption_vocab}
     missing = [f"prepare_music_data.{k}" for k, v in given.items() if not v]
     if missing:
         raise ConfigError(f"musicrl_music/{config_name} tokenizes with a pretrained codec and "
                           f"vocabulary, but {' and '.join(missing)} is not set. Fix: bind "
-                          "(or pass data.build --tokenizer_dir / --caption_vocab) tokenizer_dir to a `python -m musicrl_jax.convert encodec` output and "
+                          "tokenizer_dir to a `python -m musicrl_jax.convert encodec` output and "
                           "caption_vocab to T5's spiece.model (MUSICGEN_DIR/vocab/captions.model "
-                          "of a converted MusicGen).")
-    try:
-        tokenizer = load_tokenizer(tokenizer_dir)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConfigError(f"prepare_music_data.tokenizer_dir={tokenizer_dir}: {err}") from None
+                          "of a converted MusicGen); python -m musicrl_jax.data.build takes them "
+                          "as --tokenizer_dir and --caption_vocab.")
+    tokenizer = load_tokenizer_input(tokenizer_dir,
+                                     f"prepare_music_data.tokenizer_dir={tokenizer_dir}")
     shape = (tokenizer.num_codebooks, tokenizer.codebook_size)
     if shape != (cfg.num_codebooks, cfg.codebook_size):
         raise ConfigError(f"prepare_music_data.tokenizer_dir={tokenizer_dir} gives {shape[0]} "
@@ -301,7 +301,7 @@ def prepare_music_data(data_dir: str = gin.REQUIRED, config_name: str = "demo",
     """Builds `musicrl_music/<config_name>` (cached); returns its assets directory.
     `tokenizer_dir` and `caption_vocab` (a pretrained codec and SentencePiece model) are for
     the pretrained_codec configs (musicgen, musicgen_tiny) and refused by the others."""
-    cfg = _builder_config(config_name)
+    cfg = builder_config(config_name)
     if cfg.pretrained_codec:
         install_pretrained_assets(data_dir, config_name, tokenizer_dir, caption_vocab)
     elif tokenizer_dir or caption_vocab:

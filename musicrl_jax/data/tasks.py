@@ -18,7 +18,7 @@ import seqio
 import tensorflow as tf
 
 from musicrl_jax.data import vocab as vocab_lib
-from musicrl_jax.data.musicrl_music import MusicrlMusic, assets_dir
+from musicrl_jax.data.musicrl_music import MusicrlMusic, assets_dir, builder_config
 from musicrl_jax.data.sources import ArraySource
 from musicrl_jax.errors import ConfigError
 
@@ -83,14 +83,14 @@ class MusicLMFeatureConverter(seqio.FeatureConverter):
 @gin.configurable
 def register_tasks(data_dir: str = gin.REQUIRED, config_name: str = "demo") -> None:
     """(Re-)registers the seqio tasks for `musicrl_music/<config_name>` in `data_dir`."""
-    builder_config = next(c for c in MusicrlMusic.BUILDER_CONFIGS if c.name == config_name)
+    config = builder_config(config_name)
     vocabulary = vocab_lib.load_caption_vocabulary(
         f"{assets_dir(data_dir, config_name)}/vocab")
     source = seqio.TfdsDataSource(
         tfds_name=f"musicrl_music/{config_name}:{MusicrlMusic.VERSION}", tfds_data_dir=data_dir)
     caption_feature = seqio.Feature(vocabulary, add_eos=True, dtype=tf.int32)
-    add_pretrain_task(PRETRAIN_TASK, source, vocabulary, builder_config.codebook_size,
-                      builder_config.num_codebooks)
+    add_pretrain_task(PRETRAIN_TASK, source, vocabulary, config.codebook_size,
+                      config.num_codebooks)
     seqio.TaskRegistry.remove(PROMPTS_TASK)
     seqio.TaskRegistry.add(
         PROMPTS_TASK, source=source, output_features={"caption_tokens": caption_feature},

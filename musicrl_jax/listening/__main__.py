@@ -8,8 +8,8 @@
   python -m musicrl_jax.listening summary --db votes.db
   python -m musicrl_jax.listening export --db votes.db --out feedback/
 
-User errors (missing files, bad fields) print one line naming the file or field and the fix,
-and exit with status 2.
+User errors (missing files, bad fields) print one paragraph naming the file or field and the
+fix (`python -m musicrl_jax.listening: error: ...`), and exit with status 2.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import urllib.parse
 
 import numpy as np
 
-from musicrl_jax.errors import ConfigError
+from musicrl_jax.errors import ConfigError, report_user_errors
 
+PROG = "python -m musicrl_jax.listening"
 ADMIN_TOKEN_ENV = "MUSICRL_LISTENING_ADMIN_TOKEN"
 
 
@@ -45,13 +46,8 @@ def _sorted_wavs(directory: str, flag: str) -> list[str]:
 def _read_codes(path: str, flag: str) -> list[np.ndarray]:
     """An .npz with `codes` [n, frames, K] (and optionally `mask` [n, frames], 1 = real frame),
     as `decoding.sample` results are saved; returns one [frames, K] array per clip."""
-    if not os.path.exists(path):
-        raise ConfigError(f"{flag} {path}: no such file.")
-    with np.load(path, allow_pickle=False) as data:
-        if "codes" not in data.files:
-            raise ConfigError(f"{flag} {path}: no 'codes' array (found {data.files}). Fix: save "
-                              "the sampled codes as np.savez(path, codes=codes).")
-        codes, mask = data["codes"], data["mask"] if "mask" in data.files else None
+    from musicrl_jax.audio.listen import read_codes
+    codes, mask = read_codes(path, flag)
     if codes.ndim != 3:
         raise ConfigError(f"{flag} {path}: 'codes' has shape {codes.shape}; expected "
                           "[clips, frames, K].")
@@ -74,17 +70,9 @@ def _decode_writer(tokenizer, codes: np.ndarray):
     return write
 
 
-def _encode_wavs(tokenizer, paths: list[str]) -> list[np.ndarray]:
-    import soundfile as sf
-    codes = []
-    for path in paths:
-        try:
-            audio, rate = sf.read(path, dtype="float32", always_2d=False)
-        except RuntimeError as err:
-            raise ConfigError(f"{path}: not a readable WAV ({err}).") from err
-        codes.append(tokenizer.encode(audio if audio.ndim == 1 else audio.mean(1),
-                                      sample_rate=rate))
-    return codes
+def _encode_wavs(tokenizer, paths: list[str], flag: str) -> list[np.ndarray]:
+    from musicrl_jax.audio.listen import read_clip
+    return [tokenizer.encode(read_clip(path, flag, tokenizer.sample_rate)) for path in paths]
 
 
 def make_batch_command(args) -> None:
@@ -101,8 +89,8 @@ def make_batch_command(args) -> None:
                   for c, t in zip(captions, tokens)]
     tokenizer = None
     if args.tokenizer:
-        from musicrl_jax.audio.tokenizer import load_tokenizer
-        tokenizer = load_tokenizer(args.tokenizer)
+        from musicrl_jax.audio.tokenizer import load_tokenizer_input
+        tokenizer = load_tokenizer_input(args.tokenizer, f"--tokenizer {args.tokenizer}")
     codes, writers = [], []
     for side in ("a", "b"):
         wav_dir, codes_file = getattr(args, f"wavs_{side}"), getattr(args, f"codes_{side}")
@@ -118,7 +106,7 @@ def make_batch_command(args) -> None:
                                            "encode its WAVs to codes (the exported records "
                                            "need them)."))
         if side_codes is None:
-            side_codes = _encode_wavs(tokenizer, wavs)
+            side_codes = _encode_wavs(tokenizer, wavs, f"--wavs-{side}")
         if wavs is not None and len(wavs) != len(side_codes):
             raise ConfigError(f"make-batch: --wavs-{side} holds {len(wavs)} WAVs but "
                               f"--codes-{side} holds {len(side_codes)} clips.")
@@ -246,7 +234,7 @@ def export_command(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m musicrl_jax.listening",
+    parser = argparse.ArgumentParser(prog=PROG,
                                      description="Collect pairwise preferences and 1-5 ratings "
                                      "from listeners on a web page.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -321,15 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@report_user_errors(PROG)
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s "
                         "%(message)s")
-    try:
-        return args.run(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2)
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -237,13 +237,12 @@ def read_captions(path: str) -> tuple[list[str], list[list[int] | None]]:
     """Captions file: plain text (one caption per line) or JSONL ({"caption": str,
     "caption_tokens": [int] (optional)} per line). Returns captions and tokens (None where a
     line gives none)."""
-    if not os.path.exists(path):
+    if not path.endswith(".jsonl"):
+        captions = jsonl.read_lines(path, "--captions", "caption")
+        return captions, [None] * len(captions)
+    if not os.path.isfile(path):
         raise ConfigError(f"--captions {path}: no such file.")
     captions, tokens = [], []
-    if not path.endswith(".jsonl"):
-        with open(path) as f:
-            captions = [line.strip() for line in f if line.strip()]
-        return captions, [None] * len(captions)
     for where, record in jsonl.read_objects(path):
         if not isinstance(record, dict) or not isinstance(record.get("caption"), str):
             raise ConfigError(f"{where}: field 'caption' (a string) is missing. Fix: one "
