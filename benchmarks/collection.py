@@ -45,18 +45,20 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from musicrl_jax import collection, decoding, partitioning, raters  # noqa: E402
-from musicrl_jax.audio.tokenizer import load_tokenizer  # noqa: E402
+from musicrl_jax.audio.tokenizer import load_tokenizer_input  # noqa: E402
 from musicrl_jax.data import corpus  # noqa: E402
 from musicrl_jax.data.musicrl_music import read_wav  # noqa: E402
+from musicrl_jax.errors import ConfigError, report_user_errors  # noqa: E402
 from musicrl_jax.models import music_lm  # noqa: E402
 from musicrl_jax.training import rl_finetune  # noqa: E402
 
+PROG = "python benchmarks/collection.py"
 DEFAULT_TOKENIZER = os.path.join(REPO_ROOT, "data_cache", "musicrl_music_assets", "demo",
                                  "tokenizer")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokenizer_dir", default=DEFAULT_TOKENIZER)
     parser.add_argument("--pairs", type=int, default=64, help="preference pairs to collect")
     parser.add_argument("--batch_size", type=int, default=32)
@@ -135,9 +137,9 @@ def time_revision(revision: str, job: dict) -> float:
         archive = subprocess.run(["git", "-C", REPO_ROOT, "archive", revision, "musicrl_jax"],
                                  capture_output=True)
         if archive.returncode:
-            raise SystemExit(f"--before={revision}: git cannot read that revision "
-                             f"({archive.stderr.decode().strip()}). Fix: pass a commit of "
-                             "this repository, e.g. a421b72.")
+            raise ConfigError(f"--before={revision}: git cannot read that revision "
+                              f"({archive.stderr.decode().strip()}). Fix: pass a commit of "
+                              "this repository, e.g. a421b72.")
         subprocess.run(["tar", "-x", "-C", tree], input=archive.stdout, check=True)
         job_path = os.path.join(tree, "job.pkl")
         with open(job_path, "wb") as f:
@@ -176,13 +178,14 @@ def listener_agreement(tokenizer, corpus_dir: str, count: int, panel, seed: int 
             float(np.mean(picks("waveform") == picks("waveform seed 1"))))
 
 
+@report_user_errors(PROG)
 def main(argv=None):
     args = parse_args(argv)
-    if not os.path.isdir(args.tokenizer_dir):
-        raise SystemExit(f"--tokenizer_dir={args.tokenizer_dir}: no fitted tokenizer there. "
-                         "Fix: build the demo data first (make demo, or python -m "
-                         "musicrl_jax.data.build --data_dir data_cache --config demo).")
-    tokenizer = load_tokenizer(args.tokenizer_dir)
+    if not os.path.exists(args.tokenizer_dir):
+        raise ConfigError(f"--tokenizer_dir={args.tokenizer_dir}: no fitted tokenizer there. "
+                          "Fix: build the demo data first (make demo, or python -m "
+                          "musicrl_jax.data.build --data_dir data_cache --config demo).")
+    tokenizer = load_tokenizer_input(args.tokenizer_dir, f"--tokenizer_dir={args.tokenizer_dir}")
     tokenizer.griffin_lim_iters = args.griffin_lim_iters
     config = demo_lm_config(tokenizer, args.frames)
     if args.lm_dir:

@@ -54,8 +54,10 @@ import numpy as np  # noqa: E402
 from flax.linen import meta  # noqa: E402
 
 from musicrl_jax import decoding  # noqa: E402
+from musicrl_jax.errors import ConfigError, report_user_errors  # noqa: E402
 from musicrl_jax.models import music_lm  # noqa: E402  (registers MusicLMConfig with gin)
 
+PROG = "python benchmarks/decode.py"
 INSTALL_HINT = ("torch/transformers not installed; install them with `pip install -e .[bench]` "
                 "(torch==2.13.0, transformers) to get the transformers comparison.")
 # Macros the model size files expect (normally bound by a gin_configs/data/*.gin file).
@@ -64,7 +66,7 @@ MACROS = {"CAPTION_VOCAB_SIZE": 256, "CAPTION_LENGTH": 32, "CODEBOOK_SIZE": 256,
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny",
                         help="model size: a file name in gin_configs/models/ (tiny, small, base, "
@@ -116,7 +118,8 @@ def model_gin_file(model: str) -> str:
     if not os.path.isfile(path):
         available = sorted(f[:-4] for f in os.listdir(os.path.join(REPO_ROOT, "gin_configs",
                                                                    "models")) if f.endswith(".gin"))
-        raise SystemExit(f"--model={model}: no {path}; choose one of {available} or give a path.")
+        raise ConfigError(f"--model={model}: no {path}. Fix: choose one of {available} or give "
+                          "the path of a model gin file.")
     return path
 
 
@@ -280,6 +283,7 @@ def num_params(tree) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
+@report_user_errors(PROG)
 def main(argv=None):
     args = parse_args(argv)
     config = load_config(args)

@@ -25,6 +25,9 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from musicrl_jax.errors import report_user_errors  # noqa: E402
+
+PROG = "python benchmarks/lm_quality.py"
 ATTRIBUTES = ("tempo_match", "key_match", "timbre_match", "rhythmic_regularity", "consonance")
 TEXT = ("tempo_match", "key_match", "timbre_match")
 
@@ -49,8 +52,9 @@ def codebook_losses(lm_config, params, source, batch_size: int = 16, max_batches
     return total / np.maximum(count, 1)
 
 
+@report_user_errors(PROG)
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
                         help="a pretraining (or RL) run directory or its checkpoints/")
     parser.add_argument("--data_dir", default="data_cache")
@@ -67,7 +71,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     from musicrl_jax import decoding, evaluation, pipeline, raters
-    from musicrl_jax.audio.tokenizer import load_tokenizer
+    from musicrl_jax.audio.tokenizer import load_tokenizer_input
     from musicrl_jax.data import tasks
     from musicrl_jax.data.musicrl_music import assets_dir
     from musicrl_jax.models.music_lm import MusicLMConfig
@@ -76,10 +80,11 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     assets = assets_dir(args.data_dir, args.config)
     tasks.register_tasks(args.data_dir, args.config)
+    tokenizer = load_tokenizer_input(os.path.join(assets, "tokenizer"),
+                                     f"--data_dir {args.data_dir} --config {args.config}")
     _, step, meta = policy_checkpoint(args.checkpoint)
     config = MusicLMConfig(**meta["model_config"])
     params = restore_policy_params(config, args.checkpoint, step=step)
-    tokenizer = load_tokenizer(os.path.join(assets, "tokenizer"))
 
     validation = tasks.seqio_source(split="validation", caption_length=config.max_caption_length,
                                     num_frames=config.max_frames)

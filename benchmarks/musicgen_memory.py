@@ -73,7 +73,8 @@ REWARD_WIDTHS = {"embed_dim": 512, "num_heads": 8, "head_dim": 64, "mlp_dim": 15
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/musicgen_memory.py",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="small,medium,large")
     parser.add_argument("--meshes", default=",".join(MESHES))
     parser.add_argument("--frames", type=int, default=500, help="clip length (50 frames/s)")
@@ -81,7 +82,16 @@ def parse_args(argv=None):
     parser.add_argument("--samples_per_caption", type=int, default=4)
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
     parser.add_argument("--remat", default="full", choices=("none", "full", "dots"))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag, known in (("sizes", DECODERS), ("meshes", MESHES)):
+        unknown = [name for name in _names(getattr(args, flag)) if name not in known]
+        if unknown:
+            parser.error(f"--{flag}: unknown {unknown}; choose from {','.join(known)}.")
+    return args
+
+
+def _names(comma_separated: str) -> list[str]:
+    return [name.strip() for name in comma_separated.split(",") if name.strip()]
 
 
 def musicgen_lm_config(size: str, frames: int, remat: str) -> music_lm.MusicLMConfig:
@@ -133,11 +143,11 @@ def main(argv=None):
     print("| model | params | mesh | mode | state | frozen (ref + rewards) | temp | total "
           "per device | HBM | samples/step |\n|---|---|---|---|---|---|---|---|---|---|",
           flush=True)
-    for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
+    for size in _names(args.sizes):
         config = musicgen_lm_config(size, args.frames, args.remat)
         params_m = sum(x.size for x in jax.tree.leaves(jax.eval_shape(
             lambda r: music_lm.init_params(config, r), jax.random.PRNGKey(0)))) / 1e6
-        for mesh_name in [m.strip() for m in args.meshes.split(",") if m.strip()]:
+        for mesh_name in _names(args.meshes):
             sizes, hbm = MESHES[mesh_name]
             count = sizes["data"] * sizes["fsdp"] * sizes["tensor"]
             mesh = partitioning.make_mesh(**sizes, devices=jax.devices()[:count])

@@ -29,7 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from musicrl_jax.audio.tokenizer import (  # noqa: E402
     MelRVQTokenizer, reconstruction_metrics)
+from musicrl_jax.errors import ConfigError, make_output_dir, report_user_errors  # noqa: E402
 
+PROG = "python benchmarks/tokenizer.py"
 SAMPLE_RATE = 16000
 
 
@@ -127,8 +129,8 @@ def load_corpus(corpus_dir: str, max_seconds: float, max_train: int,
         by_split.setdefault(clip.split, []).append(clip.wav)
     held_out = "test" if by_split.get("test") else "validation"
     if not by_split.get("train") or not by_split.get(held_out):
-        raise ValueError(f"{corpus_dir}: need 'train' and 'test' or 'validation' "
-                         f"records, found splits {sorted(by_split)}.")
+        raise ConfigError(f"--corpus_dir {corpus_dir}: need 'train' and 'test' or "
+                          f"'validation' records, found splits {sorted(by_split)}.")
 
     def read(rel_path: str) -> np.ndarray:
         audio, sr = sf.read(os.path.join(corpus_dir, rel_path), dtype="float32",
@@ -156,8 +158,9 @@ def _fmt_row(cells, widths):
     return "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
 
 
+@report_user_errors(PROG)
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--corpus_dir", default=None,
                         help="corpus with manifest.jsonl; synthetic audio if omitted")
     parser.add_argument("--num_codebooks", type=int, default=4)
@@ -170,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--save_dir", default=None,
                         help="also save the fitted tokenizer here")
     args = parser.parse_args(argv)
+    if args.save_dir:
+        make_output_dir(args.save_dir, "--save_dir")
 
     if args.corpus_dir:
         train, evaluation, held_out = load_corpus(
