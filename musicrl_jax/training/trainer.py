@@ -285,10 +285,10 @@ def train(task=gin.REQUIRED, workdir: str = gin.REQUIRED, *, num_steps: int = 10
         state, state_shardings = create_train_state(task, tx, mesh, seed)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=checkpoint_every,
                                 keep=keep_checkpoints, kind=task.kind)
-    start = checkpointer.latest_step()
-    if start is not None:
-        state = checkpointer.restore(abstract_like(state), start)
-        logging.info("Resumed from step %d in %s", start, workdir)
+    if checkpointer.latest_step() is not None:
+        # The latest readable step: a damaged newer one is moved aside, not a stop.
+        state = checkpointer.restore(abstract_like(state))
+        logging.info("Resumed from step %d in %s", int(state.step), workdir)
     start = int(state.step)
     config = getattr(task, "config", None)
     model_meta = ({"model_config": dataclasses.asdict(config)}  # what export rebuilds it from
