@@ -1,4 +1,5 @@
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -330,3 +331,17 @@ def test_rl_resume_after_its_latest_checkpoint_was_damaged_continues_from_the_pr
         return {k: v for k, v in row.items() if "per_sec" not in k}
     assert [outcome(row) for row in resumed_rows[:10]] == [outcome(row)
                                                           for row in first_rows[10:20]]
+
+
+def test_chaos_benchmark_runs_killed_or_damaged_survive_equal_to_uninterrupted(tmp_path,
+                                                                                stop_leftovers):
+    """benchmarks/chaos.py, 3 trials of 20-step runs: a pretraining run killed, an RL run killed
+    with a truncated checkpoint file, a pretraining run killed with a deleted one."""
+    spec = importlib.util.spec_from_file_location(
+        "chaos", os.path.join(runs.REPO, "benchmarks", "chaos.py"))
+    chaos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chaos)
+    summary = chaos.main(["--trials", "3", "--steps", "20", "--workdir", str(tmp_path)])
+    assert [(r["job"], r["fault"]) for r in summary["results"]] == [
+        ("pretrain", "kill"), ("rl", "truncate"), ("pretrain", "delete")]
+    assert summary["survived"] == summary["equal"] == 3, summary["results"]
