@@ -54,9 +54,11 @@ $(VENV)/.test-installed: $(VENV)/.installed requirements-test.lock
 test: install browser-deps $(VENV)/.test-installed
 	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q --durations=15 tests
 
+# The benchmarks' comparisons with transformers and TRL (CPU torch), same pins as the tests'.
 bench: install
-	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m pip install -q -r requirements-bench.lock
 	$(PY) benchmarks/decode.py
+	$(PY) benchmarks/rl_vs_trl.py
 
 clean:
 	rm -rf runs

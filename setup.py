@@ -42,6 +42,6 @@ setup(
         "test": ["pytest==9.2.0", "selenium==4.51.0"],
         # Benchmark comparisons and the converters' equality tests (kept out of the main install;
         # requirements-test.lock pins them with their dependencies and `make test` installs it).
-        "bench": ["torch==2.13.0", "transformers==5.23.0"],
+        "bench": ["torch==2.13.0", "transformers==5.23.0", "trl==1.16.0"],
     },
 )

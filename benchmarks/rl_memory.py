@@ -33,7 +33,8 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from rl_step import load_config  # noqa: E402  (the sibling benchmark's model loading)
+from rl_step import load_config, toy_reward  # noqa: E402  (the sibling benchmark's)
+from musicrl_jax.errors import report_user_errors  # noqa: E402
 from musicrl_jax import partitioning  # noqa: E402
 from musicrl_jax.models import lora as lora_lib  # noqa: E402
 from musicrl_jax.models import music_lm  # noqa: E402
@@ -48,12 +49,6 @@ def parse_args(argv=None):
     parser.add_argument("--samples_per_caption", type=int, default=4)
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     return parser.parse_args(argv)
-
-
-def toy_reward(params, caption_tokens, audio_codes, audio_mask=None):
-    del params, caption_tokens, audio_mask
-    reward = (audio_codes[..., 0] == 7).mean(-1).astype(jnp.float32)
-    return reward, {"toy": reward}
 
 
 def compiled_memory(config, rl_config, captions, lora=None, mesh=None, reward_fn=toy_reward,
@@ -96,6 +91,7 @@ def tree_bytes_per_device(tree, shardings) -> int:
                for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)))
 
 
+@report_user_errors("python benchmarks/rl_memory.py")
 def main(argv=None):
     args = parse_args(argv)
     rows = []

@@ -36,10 +36,12 @@ sys.path.insert(0, REPO_ROOT)
 
 import gin  # noqa: E402
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from decode import MACROS, model_gin_file  # noqa: E402  (the sibling benchmark's model loading)
+from musicrl_jax.errors import report_user_errors  # noqa: E402
 from musicrl_jax import decoding, partitioning  # noqa: E402
 from musicrl_jax.models import music_lm  # noqa: E402
 from musicrl_jax.rewards import RewardCombination, RewardModel  # noqa: E402
@@ -92,61 +94,109 @@ def timed(fn, runs: int) -> float:
     return statistics.median(times)
 
 
-def bench_size(size: str, args) -> dict:
-    frames, captions = CPU_DEFAULTS.get(size, (100, 2))
-    frames, captions = args.frames or frames, args.captions or captions
-    config = load_config(size, frames)
-    mesh = partitioning.make_mesh()
-    captions = max(captions, partitioning.batch_divisor(mesh))
-    rl_config = rl.RLConfig(samples_per_caption=args.samples_per_caption, num_frames=frames)
-    batch = captions * rl_config.samples_per_caption
+def toy_reward(params, caption_tokens, audio_codes, audio_mask=None):
+    """A trivial token reward (share of first-codebook tokens equal to 7), like TRL examples'."""
+    del params, caption_tokens, audio_mask
+    reward = (audio_codes[..., 0] == 7).mean(-1).astype(jnp.float32)
+    return reward, {"toy": reward}
 
-    key = jax.random.PRNGKey(0)
-    params = partitioning.unbox(music_lm.init_params(config, key))
+
+def musicrl_r_reward(config: music_lm.MusicLMConfig, key) -> RewardCombination:
+    """MusicRL-R's text-adherence + quality combination, randomly initialised (their cost does
+    not depend on their weights)."""
     tasks = {"text": TextRewardTask(config=config, num_audio_layers=1, projection_dim=64),
              "quality": QualityRewardTask(config=config, num_audio_layers=1)}
-    combination = RewardCombination(
+    return RewardCombination(
         rewards={name: RewardModel(task, partitioning.unbox(task.fresh_params(key)))
                  for name, task in tasks.items()},
         weights={"text": 1.0, "quality": 1.0},
         reference_stats={"text": {"mean": 0.0, "std": 1.0}, "quality": {"mean": 3.0, "std": 1.0}})
-    tx = optax.adam(1e-5)
-    caption_tokens = np.random.default_rng(0).integers(
-        2, config.caption_vocab_size, (captions, config.max_caption_length)).astype(np.int32)
-    caption_tokens[:, -1] = decoding.EOS_ID
 
-    with partitioning.mesh_context(mesh):
-        state, state_shardings, param_shardings = rl.create_rl_state(config, tx, params, mesh,
-                                                                     rl_config)
-        reference = jax.device_put(params, param_shardings)
-        reward_shardings = rl.existing_shardings(combination.params, mesh)
-        reward_params = jax.device_put(combination.params, reward_shardings)
-        step = rl.jit_rl_step(rl.make_rl_step(config, tx, combination.reward_fn, rl_config),
-                              state_shardings, param_shardings, mesh, reward_shardings,
-                              donate_state=False)
-        repeated = np.repeat(caption_tokens, rl_config.samples_per_caption, axis=0)
-        repeated = partitioning.shard_batch({"c": repeated}, mesh)["c"]
-        rngs = decoding.example_rngs(key, batch)
-        sample = jax.jit(lambda p, c, r: decoding.sample(
-            config, p, c, r, num_frames=frames, sampling=rl_config.sampling)["codes"])
 
-        def score_fn(p, ref, rp, c, codes):
-            total, _ = combination.reward_fn(rp, c, codes)
-            ref_lp, _, _ = rl.policy_token_stats(config, ref, c, codes)
-            lp, _, _ = rl.policy_token_stats(config, p, c, codes)
-            return total, ref_lp.sum(), lp.sum()
+class OurStep:
+    """The real jitted RL step on a mesh over the available devices, state threaded from call
+    to call (each call is one update, as in training), plus its sample and score parts alone.
+    reward: "real" (MusicRL-R) or "toy" (`toy_reward`)."""
 
-        score = jax.jit(score_fn)
-        codes = sample(state.params, repeated, rngs)
-        sharded_captions = partitioning.shard_batch({"c": caption_tokens}, mesh)["c"]
-        t_sample = timed(lambda: sample(state.params, repeated, rngs), args.runs)
-        t_score = timed(lambda: score(state.params, reference, reward_params, repeated, codes),
-                        args.runs)
-        t_step = timed(lambda: step(state, reference, reward_params, sharded_captions, key),
-                       args.runs)
+    def __init__(self, config: music_lm.MusicLMConfig, rl_config: rl.RLConfig, captions: int,
+                 reward: str = "real"):
+        self.mesh = partitioning.make_mesh()
+        self.captions = max(captions, partitioning.batch_divisor(self.mesh))
+        self.batch = self.captions * rl_config.samples_per_caption
+        self.key = key = jax.random.PRNGKey(0)
+        self.params = partitioning.unbox(music_lm.init_params(config, key))
+        if reward == "real":
+            combination = musicrl_r_reward(config, key)
+            reward_fn, reward_params = combination.reward_fn, combination.params
+        else:
+            reward_fn, reward_params = toy_reward, {}
+        tx = optax.adam(1e-5)
+        caption_tokens = np.random.default_rng(0).integers(
+            2, config.caption_vocab_size, (self.captions, config.max_caption_length)
+        ).astype(np.int32)
+        caption_tokens[:, -1] = decoding.EOS_ID
+        self.caption_tokens = caption_tokens
+        frames = rl_config.num_frames
+        with partitioning.mesh_context(self.mesh):
+            self.state, state_shardings, param_shardings = rl.create_rl_state(
+                config, tx, self.params, self.mesh, rl_config)
+            self.reference = jax.device_put(self.params, param_shardings)
+            reward_shardings = rl.existing_shardings(reward_params, self.mesh)
+            self.reward_params = jax.device_put(reward_params, reward_shardings)
+            self._step = rl.jit_rl_step(rl.make_rl_step(config, tx, reward_fn, rl_config),
+                                        state_shardings, param_shardings, self.mesh,
+                                        reward_shardings, donate_state=False)
+            repeated = np.repeat(caption_tokens, rl_config.samples_per_caption, axis=0)
+            self.repeated = partitioning.shard_batch({"c": repeated}, self.mesh)["c"]
+            self.sharded_captions = partitioning.shard_batch({"c": caption_tokens},
+                                                             self.mesh)["c"]
+            self.rngs = decoding.example_rngs(key, self.batch)
+            self._sample = jax.jit(lambda p, c, r: decoding.sample(
+                config, p, c, r, num_frames=frames, sampling=rl_config.sampling)["codes"])
+
+            def score_fn(p, ref, rp, c, codes):
+                total, _ = reward_fn(rp, c, codes)
+                ref_lp, _, _ = rl.policy_token_stats(config, ref, c, codes)
+                lp, _, _ = rl.policy_token_stats(config, p, c, codes)
+                return total, ref_lp.sum(), lp.sum()
+
+            self._score = jax.jit(score_fn)
+        self.calls = 0
+
+    def step(self):
+        """One RL step (sample, score, update); blocks until done."""
+        with partitioning.mesh_context(self.mesh):
+            self.calls += 1
+            self.state, metrics = self._step(self.state, self.reference, self.reward_params,
+                                             self.sharded_captions,
+                                             jax.random.fold_in(self.key, self.calls))
+            return jax.block_until_ready(metrics)
+
+    def sample(self):
+        with partitioning.mesh_context(self.mesh):
+            return jax.block_until_ready(self._sample(self.state.params, self.repeated,
+                                                      self.rngs))
+
+    def score(self, codes):
+        with partitioning.mesh_context(self.mesh):
+            return jax.block_until_ready(self._score(
+                self.state.params, self.reference, self.reward_params, self.repeated, codes))
+
+
+def bench_size(size: str, args) -> dict:
+    frames, captions = CPU_DEFAULTS.get(size, (100, 2))
+    frames, captions = args.frames or frames, args.captions or captions
+    config = load_config(size, frames)
+    rl_config = rl.RLConfig(samples_per_caption=args.samples_per_caption, num_frames=frames)
+    ours = OurStep(config, rl_config, captions)
+    mesh, captions, batch, params = ours.mesh, ours.captions, ours.batch, ours.params
+    codes = ours.sample()
+    t_sample = timed(ours.sample, args.runs)
+    t_score = timed(lambda: ours.score(codes), args.runs)
+    t_step = timed(ours.step, args.runs)
 
     example = {"audio_codes": np.zeros((1, frames, config.num_codebooks)),
-               "caption_tokens": caption_tokens[:1]}
+               "caption_tokens": ours.caption_tokens[:1]}
     train_flops = MusicLMTask(train_source=None, eval_source=None,
                               config=config).flops_per_example(example)  # 3 x forward
     forward = train_flops / 3
@@ -165,6 +215,7 @@ def bench_size(size: str, args) -> dict:
     return result
 
 
+@report_user_errors("python benchmarks/rl_step.py")
 def main(argv=None):
     args = parse_args(argv)
     rows = []

@@ -382,25 +382,37 @@ def make_rl_step(lm_config: music_lm.MusicLMConfig, tx: optax.GradientTransforma
         total, components = reward_fn(reward_params, captions, codes)
         total = total.astype(jnp.float32)
         ref_lp, _, mask = policy_token_stats(lm_config, reference_params, captions, codes)
-        old_lp, old_entropy, _ = policy_token_stats(lm_config, current, captions, codes)
-        old_lp = jax.lax.stop_gradient(old_lp)
-        kl_seq = kl_per_sequence(old_lp, ref_lp, mask, "k1")
         beta = state.beta
 
-        def loss_fn(params):
+        def loss_fn(params, old_lp):
             token_lp, entropy, _ = policy_token_stats(
                 lm_config, current_policy(params, reference_params, lora), captions, codes)
-            return rl_loss(cfg, token_lp, old_lp, ref_lp, entropy, mask, total, beta)
+            if old_lp is None:
+                # The first update's params are the sampling policy's (on-policy): its forward
+                # gives the old log-probs, so no separate no-grad pass computes them again.
+                old_lp = jax.lax.stop_gradient(token_lp)
+            loss, aux = rl_loss(cfg, token_lp, old_lp, ref_lp, entropy, mask, total, beta)
+            return loss, (aux, jax.lax.stop_gradient(token_lp), jax.lax.stop_gradient(entropy))
 
-        def update(carry, _):
-            params, opt_state = carry
-            (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        def update(params, opt_state, old_lp):
+            (_, (aux, token_lp, entropy)), grads = jax.value_and_grad(
+                loss_fn, has_aux=True)(params, old_lp)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-            return (params, opt_state), {**aux, "grad_norm": optax.tree.norm(grads)}
+            return params, opt_state, {**aux, "grad_norm": optax.tree.norm(grads)}, token_lp, \
+                entropy
 
-        (params, opt_state), per_update = jax.lax.scan(
-            update, (state.params, state.opt_state), None, length=cfg.updates_per_batch)
+        params, opt_state, first, old_lp, old_entropy = update(state.params, state.opt_state,
+                                                               None)
+        if cfg.updates_per_batch > 1:
+            def later_update(carry, _):
+                params, opt_state, aux, _, _ = update(*carry, old_lp)
+                return (params, opt_state), aux
+
+            (params, opt_state), later = jax.lax.scan(
+                later_update, (params, opt_state), None, length=cfg.updates_per_batch - 1)
+            first.update({f"{k}_last": v[-1] for k, v in later.items()})
+        kl_seq = kl_per_sequence(old_lp, ref_lp, mask, "k1")
         kl_mean = kl_seq.mean()
         new_beta = adapt_beta(beta, kl_mean, cfg.target_kl, cfg.adaptive_kl_rate)
 
@@ -412,9 +424,7 @@ def make_rl_step(lm_config: music_lm.MusicLMConfig, tx: optax.GradientTransforma
         for name, raw in components.items():
             metrics.update(_stats(f"reward/{name}", raw.astype(jnp.float32)))
         # First update's loss/grad norm (on-policy), last update's for updates_per_batch > 1.
-        metrics.update({k: v[0] for k, v in per_update.items()})
-        if cfg.updates_per_batch > 1:
-            metrics.update({f"{k}_last": v[-1] for k, v in per_update.items()})
+        metrics.update(first)
         new_state = RLState(step=state.step + 1, params=params, opt_state=opt_state,
                             beta=new_beta)
         return new_state, metrics
