@@ -188,12 +188,17 @@ def time_methods(methods, runs: int, batch: int, steps: int):
     return results
 
 
-def jax_method(config, params, batch: int, frames: int, use_cache: bool, seed: int) -> Method:
+def sample_inputs(config, batch: int, seed: int):
+    """(captions, per-example rngs) the JAX samplers are timed on."""
     caption_rng, sample_rng = jax.random.split(jax.random.PRNGKey(seed))
     # Random non-padding captions of full length (ids 0 = padding, 1 = EOS).
     captions = jax.random.randint(caption_rng, (batch, config.max_caption_length), 2,
                                   config.caption_vocab_size, jnp.int32)
-    rngs = decoding.example_rngs(sample_rng, batch)
+    return captions, decoding.example_rngs(sample_rng, batch)
+
+
+def jax_method(config, params, batch: int, frames: int, use_cache: bool, seed: int) -> Method:
+    captions, rngs = sample_inputs(config, batch, seed)
 
     def run():
         out = decoding.sample(config, params, captions, rngs, num_frames=frames, use_cache=use_cache)
