@@ -186,9 +186,11 @@ def rl_stages(run_dir: str, assets_dir: str, lm_config, reward_tasks: dict,
               experiments: dict[str, dict], pretrain_dir: str) -> dict:
     """MusicRL fine-tuning runs, in order: {name: {"rewards": {reward: weight}, "init": stage}}
     where a reward 'text' is the stage `text_reward` trained above and "init" (default
-    'pretrain') names the stage whose policy it starts from (MusicRL-RU: 'musicrl_r'). The KL
-    anchor is always the pretrained LM. Each is `rl_finetune` with the demo's gin settings,
-    except an optional "learning_rate" (RL's optimizer) per run."""
+    'pretrain') names the stage whose policy it starts from (MusicRL-RU: 'musicrl_r'), or
+    "init_checkpoint" a policy directory elsewhere (a feedback round's deployed policy). The KL
+    anchor is the pretrained LM unless "reference_checkpoint" names another policy. Each is
+    `rl_finetune` with the demo's gin settings, except an optional "learning_rate" (RL's
+    optimizer) per run."""
     from musicrl_jax import rewards as rewards_lib
     from musicrl_jax.data import tasks
     from musicrl_jax.training.rl_finetune import optimizer_at, rl_finetune
@@ -197,7 +199,12 @@ def rl_stages(run_dir: str, assets_dir: str, lm_config, reward_tasks: dict,
         weights = dict(spec["rewards"])
         missing = [r for r in weights if f"{r}_reward" not in reward_tasks]
         init = spec.get("init", "pretrain")
-        if missing or (init != "pretrain" and init not in results):
+        if "init_checkpoint" in spec:
+            init, init_checkpoint = spec["init_checkpoint"], spec["init_checkpoint"]
+        else:
+            init_checkpoint = pretrain_dir if init == "pretrain" else os.path.join(run_dir, init)
+        if missing or ("init_checkpoint" not in spec and init != "pretrain"
+                       and init not in results):
             raise ConfigError(f"demo.rl_experiments[{name!r}] needs the reward stages "
                               f"{[f'{r}_reward' for r in missing]} and the init stage {init!r} "
                               "to run before it. Fix: enable those stages or reorder.")
@@ -214,8 +221,9 @@ def rl_stages(run_dir: str, assets_dir: str, lm_config, reward_tasks: dict,
         print(f"== RL fine-tuning: {name} (rewards {weights}, from {init}) ==", flush=True)
         results[name] = rl_finetune(
             lm_config=lm_config,
-            init_checkpoint=pretrain_dir if init == "pretrain" else os.path.join(run_dir, init),
-            reference_checkpoint=pretrain_dir, rewards=combination,
+            init_checkpoint=init_checkpoint,
+            reference_checkpoint=spec.get("reference_checkpoint", pretrain_dir),
+            rewards=combination,
             caption_source=lambda: tasks.prompt_source(split="train"),
             eval_source=lambda: tasks.prompt_source(split="validation"),
             workdir=os.path.join(run_dir, name),

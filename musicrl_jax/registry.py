@@ -3,7 +3,7 @@
 import gin
 
 from musicrl_jax import (checkpoints, collection, decoding, evaluation, partitioning,  # noqa: F401
-                         pipeline, raters, rewards)
+                         pipeline, raters, rewards, rounds)
 from musicrl_jax.audio import tokenizer  # noqa: F401
 from musicrl_jax.data import feedback, musicrl_music, tasks as data_tasks, toy, vocab  # noqa: F401
 from musicrl_jax.models import lora, music_lm  # noqa: F401

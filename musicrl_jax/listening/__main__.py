@@ -199,7 +199,8 @@ def serve_command(args) -> None:
                               rate_burst=args.rate_burst, secure_cookies=args.secure_cookies,
                               max_body_bytes=args.max_body_bytes, allowed_hosts=hosts,
                               session_max_age_s=args.session_max_age_hours * 3600.0,
-                              max_votes_per_listener=args.max_votes_per_listener)
+                              max_votes_per_listener=args.max_votes_per_listener,
+                              vote_target=args.vote_target)
     app = create_app(batch, Store(args.db), settings)
     print(f"serving batch {batch.batch_id!r} ({len(batch.pairs)} pairs) on "
           f"http://{args.host}:{args.port}/", file=sys.stderr)
@@ -214,7 +215,7 @@ def summary_command(args) -> dict:
         raise ConfigError(f"--db {args.db}: no such database.")
     store = Store(args.db)
     try:
-        result = summarize(store.votes())
+        result = summarize(store.votes(), args.vote_target)
     finally:
         store.close()
     print(json.dumps(result, indent=1) if args.json else format_summary(result))
@@ -291,12 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-votes-per-listener", type=int, default=0,
                        help="votes taken from one listener (further votes: 403; <= 0: no cap "
                        "but the batch's pairs)")
+    serve.add_argument("--vote-target", type=int, default=0,
+                       help="votes this round needs: /admin shows the progress toward it")
     serve.add_argument("--log-level", default="info")
     serve.set_defaults(run=serve_command)
 
     summary = commands.add_parser("summary", help="votes per listener, agreement, win rates")
     summary.add_argument("--db", required=True)
     summary.add_argument("--json", action="store_true")
+    summary.add_argument("--vote-target", type=int, default=0,
+                         help="votes this round needs: also show the progress toward it")
     summary.set_defaults(run=summary_command)
 
     export = commands.add_parser("export", help="write musicrl_preferences / musicrl_ratings "

@@ -5,8 +5,8 @@ A batch directory holds
   manifest.json   {"format": "musicrl-listening-batch/1", "batch_id": str,
                    "codes_file": "codes.npz",
                    "pairs": [{"pair_id": str, "caption": str, "caption_tokens": [int],
-                              "clips": [{"clip_id": str, "model_id": str, "wav": str},
-                                        {"clip_id": str, "model_id": str, "wav": str}]}]}
+                              "clips": [{"clip_id": str, "model_id": str, "wav": str,
+                                         "provenance": {...} (optional)}, {...}]}]}
   codes.npz       one int array [frames, K] per clip, keyed by clip_id: the audio tokens
                   the clip was decoded from (or encoded to), which the exported
                   `musicrl_preferences` / `musicrl_ratings` records carry
@@ -17,6 +17,14 @@ A batch directory holds
 audio URLs, so they must not reveal which model made the clip. For the same reason a pair's
 two WAVs are written in a random order and all WAVs get one modification time. Which clip of
 a pair is shown as A is decided when the pair is first shown to a listener (see store.py).
+
+A clip's optional `provenance` says which program made it, so a vote can be traced to it:
+{"model": str, "checkpoint": str (directory), "checkpoint_step": int, "artifact": str (the
+serving export sampled from), "artifact_sha256": str (of its manifest.json, which lists every
+file's sha256), "seed": int, "sample_index": int, "num_samples": int (the clip is row
+sample_index of `generate.Artifact.sample` over num_samples captions with that seed),
+"sampling": {"temperature": float, "guidance": float}, "caption_id": str (the corpus clip the
+caption was written for)}.
 
 `make_batch` writes a batch from two aligned lists of clips (WAVs and/or codes); the CLI's
 `make-batch` command (see __main__.py) gathers those lists from directories and files.
@@ -42,6 +50,8 @@ MANIFEST = "manifest.json"
 CODES_FILE = "codes.npz"
 # Ids travel in URLs, form fields and npz keys: a narrow alphabet keeps them inert everywhere.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+PROVENANCE_FIELDS = ("model", "checkpoint", "checkpoint_step", "artifact", "artifact_sha256",
+                     "seed", "sample_index", "num_samples", "sampling", "caption_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +59,7 @@ class Clip:
     clip_id: str
     model_id: str
     wav: str  # file name inside the batch directory
+    provenance: dict | None = None  # which program made the clip (module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,10 +169,14 @@ def load_batch(directory: str) -> Batch:
                 f"field 'wav' must be a .wav file name inside the batch directory (got {wav!r})")
             _require(os.path.isfile(os.path.join(directory, wav)), clip_where,
                      f"WAV {os.path.join(directory, wav)} is missing")
+            provenance = clip.get("provenance")
+            _require(provenance is None or (isinstance(provenance, dict) and all(
+                f in provenance for f in PROVENANCE_FIELDS)), clip_where,
+                f"field 'provenance' must be an object with the fields {list(PROVENANCE_FIELDS)}")
             for key in (pair_id, clip_id):
                 _require(key not in seen, clip_where, f"id {key!r} is used twice")
             seen.add(clip_id)
-            clips.append(Clip(clip_id, model_id, wav))
+            clips.append(Clip(clip_id, model_id, wav, provenance))
         seen.add(pair_id)
         pairs.append(Pair(pair_id, caption, tuple(tokens), (clips[0], clips[1])))
     return Batch(directory, batch_id, tuple(pairs), codes_file)
@@ -174,12 +189,14 @@ def new_clip_id() -> str:
 def make_batch(out_dir: str, batch_id: str, captions: Sequence[str],
                caption_tokens: Sequence[Sequence[int]], model_ids: tuple[str, str],
                codes: tuple[Sequence[np.ndarray], Sequence[np.ndarray]],
-               wav_writers: tuple[Sequence, Sequence]) -> Batch:
+               wav_writers: tuple[Sequence, Sequence],
+               provenance: tuple[Sequence[dict], Sequence[dict]] | None = None) -> Batch:
     """Writes a batch of len(captions) pairs: pair i is (clip i of model A, clip i of model B).
 
     codes: per model, one int array [frames, K] per clip. wav_writers: per model, one callable
     per clip that writes the clip's WAV to the path it is given (a copy of an existing file,
-    or a decode of its codes). Returns the loaded batch.
+    or a decode of its codes). provenance: per model, one record per clip (module docstring).
+    Returns the loaded batch.
     """
     _check_id(batch_id, "make-batch --batch-id", "batch_id")
     for model_id in model_ids:
@@ -218,6 +235,8 @@ def make_batch(out_dir: str, batch_id: str, captions: Sequence[str],
             arrays[clip_id] = clip_codes.astype(np.int32)
             clips[side] = {"clip_id": clip_id, "model_id": model_ids[side],
                            "wav": f"{clip_id}.wav"}
+            if provenance is not None:
+                clips[side]["provenance"] = dict(provenance[side][i])
         pairs.append({"pair_id": f"{batch_id}-{i:05d}", "caption": str(captions[i]),
                       "caption_tokens": tokens, "clips": clips})
     stamp = time.time()

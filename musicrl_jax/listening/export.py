@@ -5,9 +5,10 @@
   out_dir/preferences/listening-<db name>.jsonl   one record per vote: caption, caption_tokens,
       tokens_a / tokens_b (the codes of the clips as the listener saw them: A left, B right),
       choice (0: A preferred, 1: B preferred, 0.5: no preference), rater_id (listener id),
-      pair_id; plus model_a / model_b, which the readers carry along and training ignores
+      pair_id; plus model_a / model_b and provenance_a / provenance_b (the batch's record of
+      the program that made each clip, when it has one), which training ignores
   out_dir/ratings/listening-<db name>.jsonl       one record per 1-5 rating a listener gave:
-      clip_id, caption, caption_tokens, audio_codes, rating, rater_id, model_id
+      clip_id, caption, caption_tokens, audio_codes, rating, rater_id, model_id, provenance
 
 so `preferences_source(directory=out_dir + "/preferences")` and `ratings_source(directory=
 out_dir + "/ratings")` read them unchanged. The files are rewritten whole on every export
@@ -59,12 +60,14 @@ def vote_records(votes: list[dict], batches: dict[str, Batch]
                               "collected on.")
         caption_tokens = list(pair.caption_tokens)
         where = f"vote {vote['vote_id']} (pair {vote['pair_id']})"
+        provenance = {side: batch.clip(vote[f"clip_{side}"]).provenance for side in "ab"}
         preferences.append(feedback.validate_record({
             "caption": pair.caption, "caption_tokens": caption_tokens,
             "tokens_a": codes[vote["clip_a"]], "tokens_b": codes[vote["clip_b"]],
             "choice": CHOICE_VALUES[vote["choice"]], "rater_id": vote["listener_id"],
             "pair_id": vote["pair_id"], "model_a": vote["model_a"],
-            "model_b": vote["model_b"]}, "preferences", where))
+            "model_b": vote["model_b"], "provenance_a": provenance["a"],
+            "provenance_b": provenance["b"]}, "preferences", where))
         for side in ("a", "b"):
             if vote[f"rating_{side}"] is None:
                 continue
@@ -72,12 +75,13 @@ def vote_records(votes: list[dict], batches: dict[str, Batch]
                 "clip_id": vote[f"clip_{side}"], "caption": pair.caption,
                 "caption_tokens": caption_tokens, "audio_codes": codes[vote[f"clip_{side}"]],
                 "rating": int(vote[f"rating_{side}"]), "rater_id": vote["listener_id"],
-                "model_id": vote[f"model_{side}"]}, "ratings", where))
+                "model_id": vote[f"model_{side}"], "provenance": provenance[side]},
+                "ratings", where))
     return preferences, ratings
 
 
-def export_votes(db_path: str, out_dir: str, batch_dirs: list[str] | None = None
-                 ) -> dict[str, Any]:
+def export_votes(db_path: str, out_dir: str, batch_dirs: list[str] | None = None,
+                 vote_target: int = 0) -> dict[str, Any]:
     """Writes the shards (see module docstring); returns the summary plus the written paths."""
     if not os.path.exists(db_path):
         raise ConfigError(f"--db {db_path}: no such database. Fix: point --db at the file "
@@ -92,7 +96,7 @@ def export_votes(db_path: str, out_dir: str, batch_dirs: list[str] | None = None
         raise ConfigError(f"{db_path} holds no votes yet. Fix: collect some with `serve`.")
     preferences, ratings = vote_records(votes, batches)
     stem = os.path.splitext(os.path.basename(db_path))[0]
-    result = summarize(votes)
+    result = summarize(votes, vote_target)
     result["preferences_path"] = feedback.write_jsonl(
         os.path.join(out_dir, "preferences", f"listening-{stem}.jsonl"), preferences)
     result["ratings_path"] = None

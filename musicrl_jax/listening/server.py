@@ -69,12 +69,14 @@ class ServerSettings:
     ("name" or "name:port") served; any other is refused (empty: no check).
     session_max_age_s: a session's lifetime from its login (a day: a sitting with breaks;
     the invite link starts a new one). max_votes_per_listener: votes taken from one listener
-    (<= 0: no cap but the batch's pairs)."""
+    (<= 0: no cap but the batch's pairs). vote_target: the votes a feedback round needs
+    (musicrl_jax/rounds.py); /admin shows the progress toward it (0: no target)."""
     admin_token: str
     rate_per_second: float = 5.0
     rate_burst: int = 60
     session_max_age_s: float = 24 * 3600.0
     max_votes_per_listener: int = 0
+    vote_target: int = 0
     secure_cookies: bool = False
     max_body_bytes: int = MAX_BODY_BYTES
     security_events_per_second: float = 0.1
@@ -536,7 +538,7 @@ def create_app(batch: Batch, store: Store, settings: ServerSettings) -> FastAPI:
             raise Refused(401, "admin token required (Authorization: Bearer <token>)",
                           "bad_admin_token" if supplied is not None else None,
                           headers={"WWW-Authenticate": 'Basic realm="listening admin"'})
-        summary = summarize(store.votes())
+        summary = summarize(store.votes(), settings.vote_target)
         summary["security_events"] = len(store.security_events())
         if format == "json":
             return summary

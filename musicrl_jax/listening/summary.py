@@ -1,5 +1,6 @@
 """What the collected votes say: votes per listener, agreement between listeners on shared
-pairs, per-model win rates (with Wilson intervals) and mean ratings."""
+pairs, per-model win rates (with Wilson intervals), mean ratings and, when a round sets one,
+progress toward its vote target."""
 
 from __future__ import annotations
 
@@ -64,11 +65,16 @@ def mean_ratings(votes: Iterable[dict]) -> dict[str, dict[str, Any]]:
     return {m: {"mean": sum(r) / len(r), "n": len(r)} for m, r in sorted(ratings.items())}
 
 
-def summarize(votes: list[dict]) -> dict[str, Any]:
+def summarize(votes: list[dict], vote_target: int = 0) -> dict[str, Any]:
+    """vote_target > 0 (a feedback round's target) adds the share of it collected so far."""
     per_listener = collections.Counter(v["listener_id"] for v in votes)
-    return {"votes": len(votes), "votes_per_listener": dict(sorted(per_listener.items())),
-            "agreement": agreement(votes), "win_rates": model_win_rates(votes),
-            "ratings": mean_ratings(votes)}
+    summary = {"votes": len(votes), "votes_per_listener": dict(sorted(per_listener.items())),
+               "agreement": agreement(votes), "win_rates": model_win_rates(votes),
+               "ratings": mean_ratings(votes)}
+    if vote_target > 0:
+        summary["vote_target"] = vote_target
+        summary["progress"] = min(1.0, len(votes) / vote_target)
+    return summary
 
 
 def _pct(x) -> str:
@@ -77,6 +83,9 @@ def _pct(x) -> str:
 
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"votes: {summary['votes']} from {len(summary['votes_per_listener'])} listeners"]
+    if summary.get("vote_target"):
+        lines.append(f"progress toward the round's target: {summary['votes']} / "
+                     f"{summary['vote_target']} votes ({_pct(summary['progress'])})")
     for listener, count in summary["votes_per_listener"].items():
         lines.append(f"  {listener}: {count}")
     ag = summary["agreement"]

@@ -178,6 +178,9 @@ class _RewardTask(abc.ABC):
     # log-mel (reward_models.SpectralSummary), starting from this tokenizer's codebooks.
     spectral_tokenizer: str | None = None
     eval_batch_size: int = 64
+    # A run (or checkpoints) directory of this same reward model: start from its params
+    # instead (a feedback round retrains the last round's model on the new votes).
+    warm_start: str | None = None
 
     @abc.abstractmethod
     def model(self) -> nn.Module:
@@ -220,6 +223,8 @@ class _RewardTask(abc.ABC):
 
     def init_params(self, rng):
         params = self.fresh_params(rng)
+        if self.warm_start:
+            return partitioning.rebox(params, self._warm_start_params())
         if not (self.init_from_music_lm or self.spectral_tokenizer):
             return params
         values = nn.meta.unbox(params)
@@ -239,6 +244,16 @@ class _RewardTask(abc.ABC):
                                         "music_lm", self.init_from_music_lm, one_device)
                 self._lm_params = jax.device_get(params)
         return self._lm_params
+
+    def _warm_start_params(self):
+        # As _pretrained_lm_params: restored once, eagerly, even inside the jitted init.
+        if getattr(self, "_warm_params", None) is None:
+            with jax.ensure_compile_time_eval():
+                one_device = partitioning.make_mesh(data=1, devices=jax.devices()[:1])
+                params = restore_params(self.fresh_params, self.kind, self.warm_start,
+                                        one_device)
+                self._warm_params = jax.device_get(nn.meta.unbox(params))
+        return self._warm_params
 
     def score(self, params, caption_tokens, audio_codes, audio_mask=None):
         """The reward [batch] (pure, jittable)."""
