@@ -10,7 +10,7 @@ TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
   DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq
 
-.PHONY: install system-deps browser-deps demo test bench evidence clean
+.PHONY: install system-deps browser-deps demo test bench evidence rounds clean
 
 install: system-deps $(VENV)/.installed
 
@@ -45,6 +45,13 @@ evidence: install
 	  --gin_bindings="overoptimisation.lm_dir='$(RUN_DIR)/pretrain'"
 	$(PY) -m musicrl_jax.main --gin_file=evidence/headline.gin \
 	  --gin_bindings="headline.lm_dir='$(RUN_DIR)/pretrain'"
+
+# Three feedback rounds on the demo's LM (run `make demo` first): the rater panel votes over the
+# listening page, rewards retrain, RL, redeploy; report and win-rate plot in RUN_DIR/rounds.
+rounds: install
+	$(PY) -m musicrl_jax.rounds run --gin_file=local/rounds.gin \
+	  --gin_bindings="feedback_rounds.pretrained_lm='$(RUN_DIR)/pretrain'" \
+	  --rounds_dir $(RUN_DIR)/rounds
 
 # torch (CPU) and transformers: the MusicGen/EnCodec converters' equality tests only.
 $(VENV)/.test-installed: $(VENV)/.installed requirements-test.lock

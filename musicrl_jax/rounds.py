@@ -52,6 +52,13 @@ import numpy as np
 
 from musicrl_jax.errors import ConfigError, report_user_errors
 
+if __name__ == "__main__":
+    # `python -m musicrl_jax.rounds` runs this file as __main__: hand over to the imported
+    # module before this copy registers its gin configurables a second time.
+    from musicrl_jax.rounds import main
+    main(sys.argv[1:])
+    sys.exit(0)
+
 PROG = "python -m musicrl_jax.rounds"
 FORMAT = "musicrl-feedback-round/1"
 STEPS = ("batch", "listen", "export_votes", "rewards", "rl", "serve_export", "next_batch",
@@ -869,6 +876,3 @@ def main(argv=None):
                  if v is not None}
     return feedback_rounds(**overrides)
 
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
