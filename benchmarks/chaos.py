@@ -6,7 +6,8 @@ tiny RL run (tests/rl_job.py), alternately, in its own process (tests/killable_r
 sends it SIGKILL at a random moment: after a random step, or while an asynchronous checkpoint
 write is under way (Orbax's *.orbax-checkpoint-tmp* directory exists). One trial in three then
 truncates, and one in three deletes, a random file of the latest complete checkpoint (some,
-such as commit_success.txt, are never read back: damage there changes nothing). The same
+such as commit_success.txt, are never read back: damage there changes nothing); these trials
+are killed once two checkpoints are complete, so that one remains to fall back to. The same
 command restarts the run, which resumes from the latest readable checkpoint (a damaged one is
 moved aside to corrupt-STEP/) and finishes.
 
@@ -16,7 +17,9 @@ moved aside to corrupt-STEP/) and finishes.
              (timings aside) equal the uninterrupted reference run's, bit for bit
 
 --seed fixes each trial's plan (run, fault, kill step, damaged file); when the kill lands
-still depends on the machine's speed.
+still depends on the machine's speed. The runs import the code of the checkout they start in:
+edits to it while the benchmark runs make trials differ from the reference (run it from a
+copy of the tree, with PYTHONPATH set to it, when others edit this one).
 
 Usage:
   python benchmarks/chaos.py                         # 20 trials of 40-step runs
@@ -117,6 +120,11 @@ def kill_at_random(process, run_dir: str, trial: dict, steps: int) -> bool:
     def past(step):
         return lambda: max(logged_steps(run_dir), default=0) >= step
 
+    if trial["fault"] != "kill":
+        # Damage needs a previous complete checkpoint to fall back to; with none left the
+        # restart stops by design (a ConfigError), which is not what this trial measures.
+        runs.wait_until(process, lambda: os.path.isdir(checkpoints) and sum(
+            name.isdigit() for name in os.listdir(checkpoints)) >= 2, poll=0.01)
     runs.wait_until(process, past(trial["kill_after"]), poll=0.01)
     if trial["during_write"]:
         # Orbax writes from a background thread while the loop goes on: poll fast for it.
@@ -146,7 +154,7 @@ def damage_latest(run_dir: str, how: str, pick: float) -> str | None:
     return path
 
 
-def run_trial(index: int, trial: dict, workdir: str, steps: int, references: dict) -> dict:
+def run_trial(index: int, trial: dict, workdir: str, steps: int) -> dict:
     run_dir = os.path.join(workdir, f"trial_{index}_{trial['job']}_{trial['fault']}")
     env = child_env(workdir)
     process = runs.start(command(trial["job"], run_dir, steps), f"{run_dir}.log", env)
@@ -163,13 +171,20 @@ def run_trial(index: int, trial: dict, workdir: str, steps: int, references: dic
     resumed_from = redone[0] - 1 if redone else steps
     with open(restart_log, errors="replace") as f:
         moved_aside = sum("is damaged" in line for line in f)
-    reference = references[trial["job"]]
-    equal = survived and outcome(run_dir) == reference["outcome"] and same_arrays(
-        final_arrays(run_dir, steps), reference["arrays"])
-    return {"index": index, **trial, "killed_at": killed_at, "kill_in_write": during_write,
-            "damaged": damaged, "moved_aside": moved_aside, "resumed_from": resumed_from,
-            "lost_steps": max(killed_at - resumed_from, 0), "survived": survived,
-            "equal": equal, "log": restart_log}
+    return {"index": index, **trial, "run_dir": run_dir, "killed_at": killed_at,
+            "kill_in_write": during_write, "damaged": damaged, "moved_aside": moved_aside,
+            "resumed_from": resumed_from, "lost_steps": max(killed_at - resumed_from, 0),
+            "survived": survived, "log": restart_log}
+
+
+def compare(result: dict, reference: dict, steps: int) -> dict:
+    """`result` with whether its logged metrics and its final arrays equal the reference's."""
+    run_dir = result["run_dir"]
+    metrics_equal = result["survived"] and outcome(run_dir) == reference["outcome"]
+    arrays_equal = result["survived"] and same_arrays(final_arrays(run_dir, steps),
+                                                      reference["arrays"])
+    return {**result, "metrics_equal": metrics_equal, "arrays_equal": arrays_equal,
+            "equal": metrics_equal and arrays_equal}
 
 
 def run_references(workdir: str, steps: int) -> dict:
@@ -196,11 +211,11 @@ def main(argv=None) -> dict:
         references = run_references(workdir, args.steps)
         plans = [plan(i, args.steps, args.seed) for i in range(args.trials)]
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-            results = list(pool.map(
-                lambda i: run_trial(i, plans[i], workdir, args.steps, references),
-                range(args.trials)))
+            results = list(pool.map(lambda i: run_trial(i, plans[i], workdir, args.steps),
+                                    range(args.trials)))
     finally:
         runs.stop_started()
+    results = [compare(r, references[r["job"]], args.steps) for r in results]
     for r in results:
         print(f"trial {r['index']:2d} {r['job']:8s} {r['fault']:8s} killed after step "
               f"{r['killed_at']:2d}{' (during a checkpoint write)' if r['kill_in_write'] else ''}"
@@ -208,6 +223,8 @@ def main(argv=None) -> dict:
               f"{', moved aside ' + str(r['moved_aside']) if r['moved_aside'] else ''}: "
               f"{'survived' if r['survived'] else 'LOST'}, "
               f"{'equal' if r['equal'] else 'DIFFERENT'}"
+              f"{'' if r['metrics_equal'] else ' metrics'}"
+              f"{'' if r['arrays_equal'] else ' arrays'}"
               f"{'' if r['equal'] else ' (' + r['log'] + ')'}")
     damage_trials = [r for r in results if r["fault"] != "kill"]
     summary = {
