@@ -59,6 +59,10 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force)
 
+    def will_save(self, step: int, force: bool = False) -> bool:
+        """Whether `save(step, force=force)` writes (a loop checks the state before it does)."""
+        return force or self.manager.should_save(step)
+
     def meta(self, step: int | None = None) -> dict[str, Any]:
         """The meta item of `step`; by default of the latest step whose meta reads."""
         return self._read(step, self._read_meta)[1]
