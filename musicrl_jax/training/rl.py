@@ -55,6 +55,15 @@ Reward normalisation: 'batch_whiten' divides the shaped reward (and, in reward m
 within it, pathwise part included) by the batch's std and removes its mean; 'none' (default)
 keeps the RewardCombination's already-normalised scale. The entropy bonus is the per-token
 entropy regulariser of PPO implementations (prefix fixed), not a sequence-entropy gradient.
+
+Non-finite values (`RLConfig.nonfinite`): the step counts, per component, the samples whose
+reward is NaN/Inf or whose policy/reference log-ratio overflows (`nonfinite_by_component`), and
+the updates whose loss or gradient norm is NaN/Inf (metrics 'nonfinite/...', 'nonfinite_samples').
+A step at fault returns the state it was given. With 'stop' (default) any of them is a fault, and
+`train_rl`, reading the counts with the metrics or before a checkpoint (no sync of its own),
+raises TrainingDivergedError naming the step and the component; nothing from that step on is
+saved. With 'drop' such samples weigh nothing (jnp.where, since NaN * 0 is NaN) and enter no
+baseline or normalisation; only a non-finite update then stops the run.
 """
 
 from __future__ import annotations
@@ -79,8 +88,9 @@ from musicrl_jax.decoding import SamplingConfig
 from musicrl_jax.errors import ConfigError, Preempted
 from musicrl_jax.models import lora as lora_lib
 from musicrl_jax.models import music_lm
-from musicrl_jax.training.trainer import (PreemptionFlag, RunLog, check_finite, freeze,
-                                          make_optimizer, write_operative_config)
+from musicrl_jax.training.trainer import (PreemptionFlag, RunLog, TrainingDivergedError,
+                                          check_finite, freeze, make_optimizer,
+                                          write_operative_config)
 
 ALGORITHMS = ("reinforce", "grpo")
 BASELINES = ("none", "batch_mean", "rloo", "group_mean", "group_norm")
@@ -88,6 +98,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_MODES = ("reward", "loss", "token_loss")
 NORMALIZATIONS = ("none", "batch_whiten")
 LOSS_AGGREGATIONS = ("sequence_sum", "sequence_mean", "token_mean", "constant")
+NONFINITE_MODES = ("stop", "drop")
 # algorithm -> (accepted values per setting, default first)
 _ACCEPTED = {
     "reinforce": {"baseline": ("rloo", "batch_mean", "none"), "kl_mode": ("reward", "loss"),
@@ -125,6 +136,10 @@ class RLConfig:
     updates_per_batch: int = 1
     ratio_clip: float | None = None  # per-token PPO clip; None: 0.2 for grpo, 0 (off) otherwise
     num_frames: int = 8
+    # A sample whose reward or policy/reference log-ratio is NaN/Inf: 'stop' ends the run at
+    # that step (its update not applied, nothing saved); 'drop' leaves it out of the update
+    # and counts it (metric nonfinite_samples). A non-finite loss or gradient always stops.
+    nonfinite: str = "stop"
     # RL samples on-policy: temperature 1, no top-k, no guidance (checked below).
     sampling: SamplingConfig = SamplingConfig()
 
@@ -149,6 +164,11 @@ class RLConfig:
         if self.reward_normalization not in NORMALIZATIONS:
             raise ConfigError(f"RLConfig.reward_normalization={self.reward_normalization!r}; "
                               f"expected one of {list(NORMALIZATIONS)}.")
+        if self.nonfinite not in NONFINITE_MODES:
+            raise ConfigError(
+                f"RLConfig.nonfinite={self.nonfinite!r}; expected one of "
+                f"{list(NONFINITE_MODES)} ('stop' ends the run at a NaN/Inf reward or "
+                "log-ratio, 'drop' leaves those samples out of the update and counts them).")
         if self.samples_per_caption < 1 or self.updates_per_batch < 1:
             raise ConfigError("RLConfig.samples_per_caption and updates_per_batch must be >= 1.")
         if self.baseline in ("rloo", "group_mean", "group_norm") and self.samples_per_caption < 2:
@@ -188,15 +208,19 @@ class RLState:
 # --- estimators (pure functions of arrays) -------------------------------------------------
 
 def advantages(rewards: jax.Array, group_size: int, baseline: str = "rloo",
-               eps: float = 1e-6) -> jax.Array:
+               eps: float = 1e-6, valid: jax.Array | None = None) -> jax.Array:
     """rewards [B] laid out as consecutive groups of `group_size` samples of one caption.
 
     'none': A = r. 'batch_mean': A = r - mean(r). 'rloo': A_i = r_i - mean_{j != i in group} r_j
     = group_size / (group_size - 1) * (r_i - mean(group)), unbiased since the baseline does not
     depend on the sample it is subtracted from. 'group_mean': r - mean(group) (Dr. GRPO);
     'group_norm': (r - mean(group)) / (std(group) + eps) (GRPO).
+    `valid` [B] bool (RLConfig.nonfinite='drop'): the other samples get A = 0 and enter no mean
+    or std (their rewards may be NaN), so a group's baselines are those of its valid samples.
     """
     rewards = rewards.astype(jnp.float32)
+    if valid is not None:
+        return _valid_advantages(rewards, group_size, baseline, eps, valid)
     if baseline == "none":
         return rewards
     if baseline == "batch_mean":
@@ -214,8 +238,65 @@ def advantages(rewards: jax.Array, group_size: int, baseline: str = "rloo",
     return centred.reshape(rewards.shape)
 
 
+def _valid_advantages(rewards, group_size, baseline, eps, valid):
+    """`advantages` over the `valid` samples only (jnp.where, not a product: NaN * 0 is NaN)."""
+    rewards = jnp.where(valid, rewards, 0.0)
+    if baseline == "none":
+        return rewards
+    if baseline == "batch_mean":
+        mean, _ = masked_mean_std(rewards, valid)
+        return jnp.where(valid, rewards - mean, 0.0)
+    if baseline not in BASELINES:
+        raise ConfigError(f"baseline={baseline!r}; expected one of {list(BASELINES)}.")
+    if group_size < 2:
+        raise ConfigError(f"baseline={baseline!r} needs group_size >= 2.")
+    groups, group_valid = rewards.reshape(-1, group_size), valid.reshape(-1, group_size)
+    mean, std = masked_mean_std(groups, group_valid, axis=-1)
+    centred = groups - mean
+    if baseline == "rloo":
+        # n / (n - 1) over the group's n valid samples; a lone valid sample has no baseline
+        # (its centred reward is 0 already).
+        count = group_valid.sum(-1, keepdims=True)
+        centred = centred * count / jnp.maximum(count - 1, 1)
+    elif baseline == "group_norm":
+        centred = centred / (std + eps)
+    return jnp.where(group_valid, centred, 0.0).reshape(rewards.shape)
+
+
+def masked_mean_std(x: jax.Array, valid: jax.Array, axis=None):
+    """Mean and (population) std of `x` over the `valid` entries (0 where there are none);
+    broadcast back over `axis` when one is given. Entries off `valid` may be NaN/Inf."""
+    keepdims = axis is not None
+    count = jnp.maximum(valid.sum(axis, keepdims=keepdims), 1)
+    mean = jnp.where(valid, x, 0.0).sum(axis, keepdims=keepdims) / count
+    deviation = jnp.where(valid, x - mean, 0.0)
+    return mean, jnp.sqrt(jnp.square(deviation).sum(axis, keepdims=keepdims) / count)
+
+
 def whiten(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return (x - x.mean()) / (x.std() + eps)
+
+
+# log(float32 max): a log-ratio above it overflows exp (k3, the importance ratio).
+_LOG_FLOAT32_MAX = float(np.log(np.finfo(np.float32).max))
+
+
+def nonfinite_by_component(components: dict, total, policy_token_logprobs,
+                           reference_token_logprobs, mask) -> dict[str, jax.Array]:
+    """Which samples are unusable, by the component at fault: [B] bools under
+    'reward/<name>' (that reward component is NaN/Inf), 'reward' (the combined reward is) and
+    'log_ratio' (log pi_ref - log pi is NaN/Inf, or too large for exp, on some token, or its
+    sequence sums, the k1/k3 KL estimates, overflow)."""
+    faults = {f"reward/{name}": ~jnp.isfinite(raw) for name, raw in components.items()}
+    faults["reward"] = ~jnp.isfinite(total)
+    log_ratio = (reference_token_logprobs - policy_token_logprobs).astype(jnp.float32)
+    mask = jnp.broadcast_to(mask, log_ratio.shape)
+    overflowed = (~jnp.isfinite(log_ratio) | (log_ratio > _LOG_FLOAT32_MAX)) & mask
+    finite = jnp.where(mask & ~overflowed, log_ratio, 0.0).reshape(log_ratio.shape[0], -1)
+    sums_overflowed = ~(jnp.isfinite(jnp.abs(finite).sum(-1)) &
+                        jnp.isfinite(jnp.expm1(finite).sum(-1)))
+    faults["log_ratio"] = overflowed.reshape(finite.shape).any(-1) | sums_overflowed
+    return faults
 
 
 def kl_per_token(policy_token_logprobs, reference_token_logprobs, mask,
@@ -283,28 +364,42 @@ def reward_to_go(per_token: jax.Array) -> jax.Array:
     return jnp.flip(jnp.cumsum(jnp.flip(per_step, -1), -1), -1)
 
 
-def rl_loss(cfg: RLConfig, token_lp, old_token_lp, ref_token_lp, entropy, mask, rewards, beta):
+def rl_loss(cfg: RLConfig, token_lp, old_token_lp, ref_token_lp, entropy, mask, rewards, beta,
+            keep=None):
     """The surrogate loss of one update (module docstring) and its parts.
 
     token_lp [B, L, K] (differentiated), old_token_lp (the sampling policy's, constant),
     ref_token_lp, entropy, mask broadcastable to [B, L, K], rewards [B] (raw), beta scalar.
+    keep [B] bool (RLConfig.nonfinite='drop'; None: all): the other samples weigh nothing and
+    enter no baseline or normalisation, whatever NaN/Inf their rewards and log-probs hold.
     Returns (loss, aux)."""
     group = cfg.samples_per_caption
     mask = jnp.broadcast_to(mask, token_lp.shape)
     old_token_lp = jax.lax.stop_gradient(old_token_lp)
+    if keep is not None:
+        mask = mask & keep[:, None, None]
+        # Replaced, not masked afterwards: NaN * 0 is NaN, and a masked branch's Inf still
+        # turns its zero cotangent into NaN. The sampling policy's log-probs give log-ratio 0.
+        ref_token_lp = jnp.where(mask, ref_token_lp, old_token_lp)
+        rewards = jnp.where(keep, rewards, 0.0)
     old_kl = kl_per_token(old_token_lp, ref_token_lp, mask, cfg.kl_estimator)
     scale = 1.0
     shaped = rewards.astype(jnp.float32)
     if cfg.kl_mode == "reward":
         shaped = shaped - beta * old_kl.reshape(len(shaped), -1).sum(-1)
     if cfg.reward_normalization == "batch_whiten":
-        scale = jax.lax.stop_gradient(1.0 / (shaped.std() + 1e-6))
-        shaped = (shaped - shaped.mean()) * scale
-    adv = advantages(shaped, group, cfg.baseline)
+        if keep is None:
+            scale = jax.lax.stop_gradient(1.0 / (shaped.std() + 1e-6))
+            shaped = (shaped - shaped.mean()) * scale
+        else:
+            mean, std = masked_mean_std(shaped, keep)
+            scale = jax.lax.stop_gradient(1.0 / (std + 1e-6))
+            shaped = jnp.where(keep, (shaped - mean) * scale, 0.0)
+    adv = advantages(shaped, group, cfg.baseline, valid=keep)
     token_adv = jnp.broadcast_to(adv[:, None, None], token_lp.shape)
     if cfg.kl_mode == "loss":
         kl_to_go = reward_to_go(old_kl)  # [B, L]
-        kl_adv = jax.vmap(lambda g: advantages(g, group, cfg.baseline), in_axes=1,
+        kl_adv = jax.vmap(lambda g: advantages(g, group, cfg.baseline, valid=keep), in_axes=1,
                           out_axes=1)(kl_to_go)
         token_adv = token_adv - beta * kl_adv[..., None]
     objective = clipped_token_objective(token_lp, old_token_lp, token_adv, cfg.ratio_clip)
@@ -321,8 +416,13 @@ def rl_loss(cfg: RLConfig, token_lp, old_token_lp, ref_token_lp, entropy, mask, 
     loss = pg + beta * kl_loss - cfg.entropy_bonus * mean_entropy
     ratio = jnp.exp(jax.lax.stop_gradient(token_lp) - old_token_lp)
     outside = (jnp.abs(ratio - 1.0) > cfg.ratio_clip) if cfg.ratio_clip > 0 else ratio < 0
-    return loss, {"pg_loss": pg, "kl_loss": kl_loss, "loss": loss, "advantage_std": adv.std(),
-                  "shaped_reward_mean": shaped.mean(),
+    if keep is None:
+        advantage_std, shaped_mean = adv.std(), shaped.mean()
+    else:
+        shaped_mean, _ = masked_mean_std(shaped, keep)
+        advantage_std = masked_mean_std(adv, keep)[1]
+    return loss, {"pg_loss": pg, "kl_loss": kl_loss, "loss": loss, "advantage_std": advantage_std,
+                  "shaped_reward_mean": shaped_mean,
                   # Tokens whose ratio left [1 - clip, 1 + clip] (0 on the first update).
                   "clip_fraction": jnp.where(mask, outside, False).sum() / num_valid}
 
@@ -345,8 +445,20 @@ def policy_token_stats(lm_config: music_lm.MusicLMConfig, params, caption_tokens
 
 # --- the step ------------------------------------------------------------------------------
 
-def _stats(prefix, x):
-    return {f"{prefix}_mean": x.mean(), f"{prefix}_min": x.min(), f"{prefix}_max": x.max()}
+def _stats(prefix, x, keep=None):
+    if keep is None:
+        return {f"{prefix}_mean": x.mean(), f"{prefix}_min": x.min(), f"{prefix}_max": x.max()}
+    # Over the kept samples (0 if none is): the dropped ones may be NaN/Inf.
+    any_kept = keep.any()
+    return {f"{prefix}_mean": masked_mean_std(x, keep)[0],
+            f"{prefix}_min": jnp.where(any_kept, jnp.where(keep, x, jnp.inf).min(), 0.0),
+            f"{prefix}_max": jnp.where(any_kept, jnp.where(keep, x, -jnp.inf).max(), 0.0)}
+
+
+def _overflowed(log_ratio, mask):
+    """Whether exp(log_ratio) is NaN/Inf at some position of `mask`."""
+    bad = ~jnp.isfinite(log_ratio) | (log_ratio > _LOG_FLOAT32_MAX)
+    return (bad & jnp.broadcast_to(mask, bad.shape)).any()
 
 
 def current_policy(trainable, reference_params, lora: lora_lib.LoRAConfig | None = None):
@@ -366,6 +478,7 @@ def make_rl_step(lm_config: music_lm.MusicLMConfig, tx: optax.GradientTransforma
     adapters over the frozen reference (`models/lora.py`)."""
     cfg = rl_config
     group = cfg.samples_per_caption
+    drop = cfg.nonfinite == "drop"
     tx = freeze(tx, lm_config)  # a frozen text encoder never moves (a no-op otherwise)
 
     def rl_step(state: RLState, reference_params, reward_params, caption_tokens, rng):
@@ -384,49 +497,87 @@ def make_rl_step(lm_config: music_lm.MusicLMConfig, tx: optax.GradientTransforma
         ref_lp, _, mask = policy_token_stats(lm_config, reference_params, captions, codes)
         beta = state.beta
 
-        def loss_fn(params, old_lp):
+        def loss_fn(params, old_lp, keep):
             token_lp, entropy, _ = policy_token_stats(
                 lm_config, current_policy(params, reference_params, lora), captions, codes)
+            faults = None
             if old_lp is None:
                 # The first update's params are the sampling policy's (on-policy): its forward
                 # gives the old log-probs, so no separate no-grad pass computes them again.
                 old_lp = jax.lax.stop_gradient(token_lp)
-            loss, aux = rl_loss(cfg, token_lp, old_lp, ref_lp, entropy, mask, total, beta)
-            return loss, (aux, jax.lax.stop_gradient(token_lp), jax.lax.stop_gradient(entropy))
+                faults = nonfinite_by_component(components, total, old_lp, ref_lp, mask)
+                if drop:
+                    keep = ~functools.reduce(jnp.logical_or, faults.values())
+            loss, aux = rl_loss(cfg, token_lp, old_lp, ref_lp, entropy, mask, total, beta, keep)
+            return loss, (aux, faults, keep, jax.lax.stop_gradient(token_lp),
+                          jax.lax.stop_gradient(entropy))
 
-        def update(params, opt_state, old_lp):
-            (_, (aux, token_lp, entropy)), grads = jax.value_and_grad(
-                loss_fn, has_aux=True)(params, old_lp)
+        def update(params, opt_state, old_lp, keep):
+            (_, (aux, faults, keep, token_lp, entropy)), grads = jax.value_and_grad(
+                loss_fn, has_aux=True)(params, old_lp, keep)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-            return params, opt_state, {**aux, "grad_norm": optax.tree.norm(grads)}, token_lp, \
-                entropy
+            grad_norm = optax.tree.norm(grads)
+            broken = ~(jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm))
+            return (params, opt_state, {**aux, "grad_norm": grad_norm}, broken, faults, keep,
+                    token_lp, entropy)
 
-        params, opt_state, first, old_lp, old_entropy = update(state.params, state.opt_state,
-                                                               None)
+        params, opt_state, first, broken, faults, keep, old_lp, old_entropy = update(
+            state.params, state.opt_state, None, None)
+        # Per step: samples with a NaN/Inf reward or log-ratio, by component (the loop names
+        # them), and updates whose loss or gradient norm is NaN/Inf.
+        counts = {f"nonfinite/{name}": flags.sum(dtype=jnp.int32)
+                  for name, flags in faults.items()}
+        faulty_samples = ~keep if drop else functools.reduce(jnp.logical_or, faults.values())
+        counts["nonfinite_samples"] = faulty_samples.sum(dtype=jnp.int32)
+        counts["nonfinite/update"] = broken.astype(jnp.int32)
+        token_mask = jnp.broadcast_to(mask, old_lp.shape)
+        if drop:
+            token_mask = token_mask & keep[:, None, None]
         if cfg.updates_per_batch > 1:
             def later_update(carry, _):
-                params, opt_state, aux, _, _ = update(*carry, old_lp)
-                return (params, opt_state), aux
+                params, opt_state, aux, broken, _, _, token_lp, _ = update(*carry, old_lp, keep)
+                ratio_overflowed = _overflowed(token_lp - old_lp, token_mask)
+                return (params, opt_state), (aux, broken, ratio_overflowed)
 
-            (params, opt_state), later = jax.lax.scan(
+            (params, opt_state), (later, later_broken, ratio_overflowed) = jax.lax.scan(
                 later_update, (params, opt_state), None, length=cfg.updates_per_batch - 1)
             first.update({f"{k}_last": v[-1] for k, v in later.items()})
+            counts["nonfinite/update"] += later_broken.sum(dtype=jnp.int32)
+            counts["nonfinite/importance_ratio"] = ratio_overflowed.sum(dtype=jnp.int32)
         kl_seq = kl_per_sequence(old_lp, ref_lp, mask, "k1")
-        kl_mean = kl_seq.mean()
+        kl_k3_seq = kl_per_sequence(old_lp, ref_lp, mask, "k3")
+        sample_logprob = old_lp.sum(axis=(1, 2))
+        if drop:
+            def mean(x):
+                return masked_mean_std(x, keep)[0]
+            entropy = jnp.where(token_mask, old_entropy, 0.0).sum()
+        else:
+            def mean(x):
+                return x.mean()
+            entropy = old_entropy.sum()
+        kl_mean = mean(kl_seq)
         new_beta = adapt_beta(beta, kl_mean, cfg.target_kl, cfg.adaptive_kl_rate)
 
-        num_valid = jnp.maximum(jnp.broadcast_to(mask, old_lp.shape).sum(), 1)
-        metrics = {**_stats("reward", total), **_stats("kl", kl_seq),
-                   "kl": kl_mean, "kl_k3": kl_per_sequence(old_lp, ref_lp, mask, "k3").mean(),
-                   "entropy": old_entropy.sum() / num_valid, "beta": beta,
-                   "sample_logprob": old_lp.sum(axis=(1, 2)).mean()}
+        num_valid = jnp.maximum(token_mask.sum(), 1)
+        metrics = {**_stats("reward", total, keep), **_stats("kl", kl_seq, keep),
+                   "kl": kl_mean, "kl_k3": mean(kl_k3_seq), "entropy": entropy / num_valid,
+                   "beta": beta, "sample_logprob": mean(sample_logprob)}
         for name, raw in components.items():
-            metrics.update(_stats(f"reward/{name}", raw.astype(jnp.float32)))
+            metrics.update(_stats(f"reward/{name}", raw.astype(jnp.float32), keep))
         # First update's loss/grad norm (on-policy), last update's for updates_per_batch > 1.
         metrics.update(first)
+        metrics.update(counts)
         new_state = RLState(step=state.step + 1, params=params, opt_state=opt_state,
                             beta=new_beta)
+        # A step at fault keeps the state it started from, so the loop never holds (nor saves)
+        # NaN/Inf params; it raises when it reads the counts. Exact when all is finite.
+        applied = counts["nonfinite/update"] == 0
+        if not drop:
+            applied &= counts["nonfinite_samples"] == 0
+        if cfg.updates_per_batch > 1:
+            applied &= counts["nonfinite/importance_ratio"] == 0
+        new_state = jax.tree.map(lambda new, old: jnp.where(applied, new, old), new_state, state)
         return new_state, metrics
 
     return rl_step
@@ -519,6 +670,68 @@ def metrics_to_host(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
+def nonfinite_counts(metrics) -> dict[str, jax.Array]:
+    """The step's NaN/Inf counts among its metrics (still on device)."""
+    return {k: v for k, v in metrics.items() if k.startswith("nonfinite")}
+
+
+def raise_on_nonfinite(unread: list[tuple[int, dict]], rl_config: RLConfig, batch: int,
+                       latest_checkpoint: int | None):
+    """Reads the NaN/Inf counts of the steps run since the last read, [(step, counts)], in one
+    transfer, and empties `unread`. The first step at fault raises TrainingDivergedError
+    naming it and its components (with nonfinite='drop', dropped samples are only logged).
+    Called before anything reads that state: a log, an evaluation, a checkpoint."""
+    if not unread:
+        return
+    steps = [step for step, _ in unread]
+    counts = [{k: int(v) for k, v in c.items()} for c in jax.device_get([c for _, c in unread])]
+    unread.clear()
+    drop = rl_config.nonfinite == "drop"
+    for step, count in zip(steps, counts):
+        samples = []  # what made samples unusable, by component
+        for key, n in count.items():
+            if n and key.startswith("nonfinite/reward/"):
+                samples.append(f"reward {key.removeprefix('nonfinite/reward/')!r} returned "
+                               f"NaN/Inf for {n} of {batch} samples")
+        if count["nonfinite/reward"] and not samples:
+            samples.append(f"the combined reward was NaN/Inf (its components finite) for "
+                           f"{count['nonfinite/reward']} of {batch} samples")
+        if count["nonfinite/log_ratio"]:
+            samples.append(f"the policy/reference log-ratio overflowed (NaN/Inf, or beyond "
+                           f"exp's float32 range) for {count['nonfinite/log_ratio']} of {batch} "
+                           "samples")
+        updates = []
+        if count.get("nonfinite/importance_ratio"):
+            updates.append(f"the importance ratio pi/pi_old overflowed in "
+                           f"{count['nonfinite/importance_ratio']} of the "
+                           f"{rl_config.updates_per_batch - 1} later updates")
+        if count["nonfinite/update"]:
+            updates.append(f"the loss or gradient norm was NaN/Inf in "
+                           f"{count['nonfinite/update']} of {rl_config.updates_per_batch} "
+                           "updates")
+        if drop and samples:
+            logging.warning("RL step %d: dropped %d of %d samples: %s.", step,
+                            count["nonfinite_samples"], batch, "; ".join(samples))
+        # With 'stop', faulty samples make the loss NaN too: name the cause only.
+        faults = updates if drop else samples or updates
+        if not faults:
+            continue
+        fixes = []
+        if not drop and samples:
+            fixes.append("check the reward model or policy named (its checkpoint and inputs), "
+                         "or set RLConfig.nonfinite = 'drop' to leave such samples out of the "
+                         "update and count them (metric nonfinite_samples)")
+        if (updates and faults is updates) or count["nonfinite/log_ratio"]:
+            fixes.append("if the policy diverged, lower make_optimizer.learning_rate or "
+                         "clip_norm, or raise RLConfig.beta")
+        saved = (f"the latest checkpoint, step {latest_checkpoint}, is the last good state"
+                 if latest_checkpoint is not None else "no checkpoint was written yet")
+        raise TrainingDivergedError(
+            f"RL step {step}: {'; '.join(faults)}. Its update was not applied and nothing "
+            f"from step {step} on was saved: {saved}. Fix: {'; '.join(fixes)}; then rerun "
+            "(it resumes from the latest checkpoint).")
+
+
 def make_rl_eval(lm_config: music_lm.MusicLMConfig, reward_fn: Callable,
                  rl_config: RLConfig, lora: lora_lib.LoRAConfig | None = None) -> Callable:
     """Returns pure rl_eval(trainable, reference_params, reward_params, caption_tokens, rng) ->
@@ -588,7 +801,9 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
     tokens/s; every `eval_every` steps (and at step 0) the policy on the first
     `num_eval_captions` held-out captions of `eval_source`; every `audio_every` steps
     `num_audio_samples` of those clips as WAV (`workdir/samples/`) and TensorBoard audio
-    (needs `tokenizer_dir`). SIGTERM saves a checkpoint and stops.
+    (needs `tokenizer_dir`). SIGTERM saves a checkpoint and stops. A NaN/Inf reward,
+    log-ratio, loss or gradient raises TrainingDivergedError naming the step and the component
+    before any checkpoint of it is written (`RLConfig.nonfinite`, module docstring).
     `lora` (gin: `train_rl.lora = @LoRAConfig()`) trains adapters over the frozen reference
     instead of a full copy; the policy must then start at the reference. `checkpoint_meta` is
     stored with each checkpoint (rl_finetune records the reference checkpoint there, which a
@@ -656,6 +871,11 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
     last: dict[str, float] = {}
     evals: dict[int, dict[str, float]] = {}
     preempted_at = None
+    unread_faults: list[tuple[int, dict]] = []  # (step, its NaN/Inf counts, on device)
+
+    def check_faults():
+        raise_on_nonfinite(unread_faults, rl_config, samples_per_step,
+                           checkpointer.latest_step())
 
     def run_eval(done):
         with partitioning.mesh_context(mesh, rules):
@@ -684,7 +904,13 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
                 rng = jax.random.fold_in(jax.random.PRNGKey(seed), step)
                 state, metrics = step_fn(state, reference, reward_params, captions, rng)
                 done = step + 1
-                if done % log_every == 0 or done == num_steps or done == start + 1:
+                # Read with the metrics, or before a save: no sync of its own.
+                unread_faults.append((done, nonfinite_counts(metrics)))
+                logging_step = done % log_every == 0 or done == num_steps or done == start + 1
+                evaluating = eval_fn and (done % eval_every == 0 or done == num_steps)
+                if logging_step or evaluating:
+                    check_faults()
+                if logging_step:
                     last = metrics_to_host(metrics)
                     check_finite(last, done, "RL fine-tuning")
                     last["samples_per_sec"] = samples_per_step * log.steps_per_sec(done)
@@ -694,12 +920,15 @@ def train_rl(lm_config=gin.REQUIRED, policy_params=gin.REQUIRED, reward_fn=gin.R
                                          kl=f"{last['kl']:.2f}")
                 if done == start + 1:
                     write_operative_config(workdir)
-                if eval_fn and (done % eval_every == 0 or done == num_steps):
+                if evaluating:
                     run_eval(done)
                     log.restart_clock(done)
                 # Read once: a SIGTERM arriving during the save must not stop an unsaved step.
                 stop = preemption.requested
-                checkpointer.save(done, state, meta=model_meta, force=done == num_steps or stop)
+                force = done == num_steps or stop
+                if checkpointer.will_save(done, force):
+                    check_faults()  # never a checkpoint of a step at fault, nor of later ones
+                checkpointer.save(done, state, meta=model_meta, force=force)
                 log.progress.update(1)
                 if stop:
                     logging.warning("SIGTERM: saved RL step %d, stopping.", done)
@@ -724,4 +953,5 @@ __all__ = ["RLConfig", "RLState", "advantages", "kl_per_token", "kl_per_sequence
            "policy_gradient_loss", "clipped_token_objective", "aggregate", "reward_to_go",
            "rl_loss", "adapt_beta", "current_policy", "policy_token_stats", "make_rl_step",
            "create_rl_state", "jit_rl_step", "train_rl", "lm_param_shardings", "existing_shardings",
-           "whiten"]
+           "whiten", "masked_mean_std", "nonfinite_by_component", "nonfinite_counts",
+           "raise_on_nonfinite"]
