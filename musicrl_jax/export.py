@@ -65,10 +65,13 @@ def restore_policy_params(checkpoint_dir: str, config: music_lm.MusicLMConfig,
                           step: int | None = None) -> tuple[dict[str, np.ndarray], dict]:
     """The policy's params as a flat {'/'-joined name: numpy array} dict, and where they came
     from ({'checkpoint_dir', 'kind', 'step'}); a pretrain or RL checkpoint."""
-    directory, step, meta = rl_finetune.policy_checkpoint(checkpoint_dir, step)
+    directory, _, _ = rl_finetune.policy_checkpoint(checkpoint_dir, step)
     # One device whatever mesh the checkpoint was written from: Orbax reshards on restore.
     mesh = partitioning.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
     params = rl_finetune.restore_policy_params(config, directory, mesh, step)
+    # Asked for the latest, a damaged step was moved aside and the one before restored: the
+    # latest step now is the one the params came from.
+    _, step, meta = rl_finetune.policy_checkpoint(directory, step)
     flat = traverse_util.flatten_dict(jax.device_get(partitioning.unbox(params)), sep="/")
     return ({name: np.asarray(value) for name, value in flat.items()},
             {"checkpoint_dir": directory, "kind": meta["kind"], "step": int(step)})

@@ -8,6 +8,7 @@ import signal
 import time
 
 import jax
+from flax import traverse_util
 import numpy as np
 import pytest
 
@@ -269,6 +270,25 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_restore
     assert checkpointer.latest_step() == Checkpointer(directory).latest_step() == 1
     [report] = _reports(capfd.readouterr().err)
     assert "step 3" in report and damaged in report and "corrupt-3" in report
+
+
+def test_export_of_the_latest_step_falls_back_past_a_damaged_one(pretrain_checkpoints,
+                                                                   tmp_path):
+    """Export (and every reader of a policy's latest step) restores through the fallback and
+    records the step the params really came from."""
+    from musicrl_jax import export
+    directory = str(tmp_path / "checkpoints")
+    shutil.copytree(pretrain_checkpoints, directory)
+    previous = jax.device_get(Checkpointer(directory, kind="music_lm").restore(
+        _restore_template(), step=1).params)
+    runs.damage(_data_file(os.path.join(directory, "3")), "truncate")
+    flat, source = export.restore_policy_params(directory, TINY)
+    assert source["step"] == 1
+    assert sorted(os.listdir(directory)) == ["1", "corrupt-3"]
+    flat_previous = traverse_util.flatten_dict(previous, sep="/")
+    assert sorted(flat) == sorted(flat_previous)
+    for name, value in flat.items():
+        np.testing.assert_array_equal(value, flat_previous[name], err_msg=name)
 
 
 def test_no_readable_checkpoint_stops_with_one_paragraph(pretrain_checkpoints, tmp_path,

@@ -58,8 +58,9 @@ def policy_checkpoint(path: str, step: int | None = None) -> tuple[str, int, dic
 def restore_policy_params(lm_config: music_lm.MusicLMConfig, path: str, mesh=None,
                           step: int | None = None):
     """The LM params of a policy checkpoint (see `policy_checkpoint`), sharded on `mesh` by the
-    logical rules."""
-    directory, step, meta = policy_checkpoint(path, step)
+    logical rules. Asked for the latest step (`step=None`), a damaged one falls back to the
+    previous complete step (`Checkpointer.restore`)."""
+    directory, _, meta = policy_checkpoint(path, step)
     init = functools.partial(music_lm.init_params, lm_config)
     if meta.get("lora"):
         # LoRA adapters over the frozen reference, which the checkpoint names.
