@@ -79,10 +79,18 @@ def mesh_context(mesh: Mesh, rules=None):
     no-op and the batch is replicated over fsdp); the legacy form is kept for code that reads
     the physical mesh.
     """
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.ExitStack() as stack:
         warnings.filterwarnings("ignore", message=".*context manager has been deprecated.*")
-        with mesh, jax.set_mesh(mesh), nn.logical_axis_rules(rules or logical_axis_rules()):
-            yield
+        stack.enter_context(mesh)
+        try:
+            stack.enter_context(jax.set_mesh(mesh))
+        except ValueError as err:
+            # Under a trace (a restore run eagerly inside a jitted init): set_mesh is refused
+            # there, and such code only asks for shapes and shardings, not activations.
+            if "outside of `jax.jit`" not in str(err):
+                raise
+        stack.enter_context(nn.logical_axis_rules(rules or logical_axis_rules()))
+        yield
 
 
 def _divisible_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
