@@ -12,9 +12,9 @@ quality regressor, randomly initialised: their cost does not depend on their wei
 
 Every figure excludes compilation (one untimed call first) and is the median of --runs calls,
 each ended by block_until_ready. samples/s = captions x samples_per_caption / step time. On a
-GPU/TPU the MFU of the step is reported too (model FLOPs: sampling counts a forward per token,
-scoring two forwards, the update a forward + backward of the policy, from
-`MusicLMTask.flops_per_example`), against --peak_tflops per device.
+GPU/TPU the MFU of the step is reported too (model FLOPs, `rl_step_flops`: sampling counts
+a forward per token, the reference's log-probs a forward, the update a forward + backward
+of the policy, from `MusicLMTask.flops_per_example`), against --peak_tflops per device.
 
 Usage:
   python benchmarks/rl_step.py                          # tiny and small on this machine
@@ -113,6 +113,17 @@ def musicrl_r_reward(config: music_lm.MusicLMConfig, key) -> RewardCombination:
         reference_stats={"text": {"mean": 0.0, "std": 1.0}, "quality": {"mean": 3.0, "std": 1.0}})
 
 
+def rl_step_flops(config: music_lm.MusicLMConfig, frames: int, batch: int) -> float:
+    """Model FLOPs of one RL step: per sample a forward to sample it, the reference's
+    teacher-forced forward and the update's forward + backward (`rl.make_rl_step`: the update's
+    forward also gives the old log-probs)."""
+    example = {"audio_codes": np.zeros((1, frames, config.num_codebooks)),
+               "caption_tokens": np.zeros((1, config.max_caption_length), np.int32)}
+    train_flops = MusicLMTask(train_source=None, eval_source=None,
+                              config=config).flops_per_example(example)  # 3 x forward
+    return batch * (2 * train_flops / 3 + train_flops)
+
+
 class OurStep:
     """The real jitted RL step on a mesh over the available devices, state threaded from call
     to call (each call is one update, as in training), plus its sample and score parts alone.
@@ -195,12 +206,7 @@ def bench_size(size: str, args) -> dict:
     t_score = timed(lambda: ours.score(codes), args.runs)
     t_step = timed(ours.step, args.runs)
 
-    example = {"audio_codes": np.zeros((1, frames, config.num_codebooks)),
-               "caption_tokens": ours.caption_tokens[:1]}
-    train_flops = MusicLMTask(train_source=None, eval_source=None,
-                              config=config).flops_per_example(example)  # 3 x forward
-    forward = train_flops / 3
-    step_flops = batch * (forward + 2 * forward + train_flops)  # sample, score (x2), update
+    step_flops = rl_step_flops(config, frames, batch)
     result = {"model": size, "params_M": sum(x.size for x in jax.tree.leaves(params)) / 1e6,
               "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
               "mesh": dict(mesh.shape), "frames": frames, "captions": captions,

@@ -39,7 +39,7 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
-from rl_step import OurStep, load_config  # noqa: E402  (the sibling benchmark's step)
+from rl_step import OurStep, load_config, rl_step_flops  # noqa: E402  (the sibling benchmark)
 from musicrl_jax.training import rl  # noqa: E402
 
 # name: (our MusicLMConfig widths, positions per sample)
@@ -101,6 +101,42 @@ def write_llama(config, positions: int, directory: str):
         tokenizer_object=tokenizer, bos_token="t0", eos_token="t1", pad_token="t2",
         unk_token="t3").save_pretrained(directory)
     return vocab_size
+
+
+def llama_step_flops(config, caption_length: int, positions: int, batch: int) -> float:
+    """Model FLOPs of one TRL step on the Llama (`MusicLMTask.flops_per_example`'s convention):
+    per sample a forward over prompt + completion to generate it, the reference's forward and
+    the policy's forward + backward (with one update per batch TRL takes the old log-probs
+    from the policy's own forward)."""
+    length = caption_length + positions
+    width = config.num_heads * config.head_dim
+    layer = length * (4 * config.embed_dim * width + 3 * config.embed_dim * config.mlp_dim)
+    layer += 2 * length * length * width
+    head = length * config.embed_dim * config.num_codebooks * config.codebook_size
+    forward = 2 * (config.num_decoder_layers * layer + head)
+    return batch * 5 * forward
+
+
+def best_matmul_flops_per_s(config, rows: int, runs: int = 5) -> float:
+    """The best FLOP/s a jitted float32 matmul reaches here at the model's projection, MLP and
+    head shapes ([rows, in] x [in, out]): an optimistic ceiling for any step of this size."""
+    import jax
+    import jax.numpy as jnp
+    shapes = [(config.embed_dim, config.mlp_dim), (config.mlp_dim, config.embed_dim),
+              (config.embed_dim, config.num_heads * config.head_dim),
+              (config.embed_dim, config.num_codebooks * config.codebook_size)]
+    matmul = jax.jit(jnp.matmul)
+    best = 0.0
+    for inner, outer in shapes:
+        a, b = jnp.ones((rows, inner), jnp.float32), jnp.ones((inner, outer), jnp.float32)
+        jax.block_until_ready(matmul(a, b))
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            jax.block_until_ready(matmul(a, b))
+            times.append(time.perf_counter() - start)
+        best = max(best, 2 * rows * inner * outer / min(times))
+    return best
 
 
 def trivial_reward(completion_ids, **_):
@@ -175,6 +211,13 @@ def bench_size(name: str, args) -> dict:
     for reward, times in our_times.items():
         # The calls during TRL's warm-up steps are warm too (ours compiled first).
         row[f"ours_{reward}_step_s"] = statistics.median(times)
+    row["ours_gflop_per_step"] = rl_step_flops(config, positions, batch) / 1e9
+    row["trl_gflop_per_step"] = llama_step_flops(config, config.max_caption_length, positions,
+                                                 batch) / 1e9
+    # At the best matmul rate, with nothing else costing time: the fastest our step could be.
+    row["best_matmul_gflop_per_s"] = best_matmul_flops_per_s(
+        config, batch * (positions + config.num_codebooks - 1)) / 1e9
+    row["ours_floor_step_s"] = row["ours_gflop_per_step"] / row["best_matmul_gflop_per_s"]
     for key in [k for k in row if k.endswith("_step_s")]:
         row[key.replace("_step_s", "_samples_per_s")] = batch / row[key]
     return row
@@ -200,6 +243,13 @@ def main(argv=None):
         for t in trls:
             print(f"  TRL {t.upper()} (trivial reward): {row[f'trl_{t}_samples_per_s']:.1f} "
                   f"samples/s (step {row[f'trl_{t}_step_s']:.3f} s)", flush=True)
+        floor = row["ours_floor_step_s"]
+        print(f"  model GFLOP per step: ours {row['ours_gflop_per_step']:.1f}, TRL "
+              f"{row['trl_gflop_per_step']:.1f}; best matmul here "
+              f"{row['best_matmul_gflop_per_s']:.0f} GFLOP/s, so our step takes >= "
+              f"{floor:.3f} s: at most "
+              + ", ".join(f"{row[f'trl_{t}_step_s'] / floor:.1f}x TRL {t.upper()}"
+                          for t in trls), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
