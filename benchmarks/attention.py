@@ -3,9 +3,10 @@
 
 Times, for one layer, the attention core only (the projections are plain matmuls both
 libraries run at similar rates): ours = the `Attention` module's scores, masked softmax and
-weighted values on given projected queries/keys/values (RoPE off), jitted, forward and
-forward + backward; torch = SDPA (is_causal), forward and forward + backward. Interleaved,
-median of --runs after one untimed call each.
+weighted values on given projected queries/keys/values (RoPE off; its output projection is
+an identity, batch x length x (heads x head_dim)^2 x 2 FLOPs that torch does not pay), jitted,
+forward and forward + backward; torch = SDPA (is_causal), forward and forward + backward.
+Median of --runs after one untimed call each (`rl_step.timed`).
 
 Needs torch (`pip install -r requirements-bench.lock`).
 
@@ -18,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -29,6 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from rl_step import timed  # noqa: E402  (the sibling benchmark's timer)
 from musicrl_jax.errors import report_user_errors  # noqa: E402
 from musicrl_jax.models.layers import Attention  # noqa: E402
 
@@ -65,16 +65,6 @@ def attention_core(query, key, value):
     return core.apply({}, x, mask=mask)
 
 
-def median_ms(fn, runs: int) -> list[float]:
-    fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
 @report_user_errors(PROG)
 def main(argv=None):
     args = parse_args(argv)
@@ -98,13 +88,13 @@ def main(argv=None):
         out.sum().backward()
 
     with torch.no_grad():
-        torch_forward_ms = median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(
+        torch_forward = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
             tq, tk, tv, is_causal=True), args.runs)
-    rows = {"ours forward": median_ms(lambda: forward(q, k, v).block_until_ready(), args.runs),
-            "torch SDPA forward": torch_forward_ms,
-            "ours forward + backward": median_ms(
-                lambda: jax.block_until_ready(backward(q, k, v)), args.runs),
-            "torch SDPA forward + backward": median_ms(torch_backward, args.runs)}
+    seconds = {"ours forward": timed(lambda: forward(q, k, v), args.runs),
+               "torch SDPA forward": torch_forward,
+               "ours forward + backward": timed(lambda: backward(q, k, v), args.runs),
+               "torch SDPA forward + backward": timed(torch_backward, args.runs)}
+    rows = {name: s * 1e3 for name, s in seconds.items()}
     print(f"causal self-attention, batch {args.batch}, {args.length} positions, {args.heads} "
           f"heads x {args.head_dim} (one layer), median of {args.runs}:")
     for name, ms in rows.items():

@@ -39,6 +39,9 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
 from rl_step import OurStep, load_config, rl_step_flops  # noqa: E402  (the sibling benchmark)
 from musicrl_jax.training import rl  # noqa: E402
 
@@ -119,9 +122,8 @@ def llama_step_flops(config, caption_length: int, positions: int, batch: int) ->
 
 def best_matmul_flops_per_s(config, rows: int, runs: int = 5) -> float:
     """The best FLOP/s a jitted float32 matmul reaches here at the model's projection, MLP and
-    head shapes ([rows, in] x [in, out]): an optimistic ceiling for any step of this size."""
-    import jax
-    import jax.numpy as jnp
+    head shapes ([rows, in] x [in, out]): an optimistic ceiling for any step of this size, so
+    the fastest of `runs` calls, not the median."""
     shapes = [(config.embed_dim, config.mlp_dim), (config.mlp_dim, config.embed_dim),
               (config.embed_dim, config.num_heads * config.head_dim),
               (config.embed_dim, config.num_codebooks * config.codebook_size)]
