@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import lm_params
-from musicrl_jax.models import music_lm
+from musicrl_jax.models import layers, music_lm
 from musicrl_jax.models.music_lm import MusicLM, MusicLMConfig
 
 GIN_DIR = os.path.join(os.path.dirname(__file__), "..", "gin_configs")
@@ -52,6 +52,31 @@ def test_decoder_is_causal_and_uses_caption(tiny_config, tiny_params):
     assert not np.allclose(logits[:, 6:], logits_changed[:, 6:], atol=1e-3)
     other_caption = apply({"params": tiny_params}, captions.at[:, 0].add(1), inputs)
     assert not np.allclose(logits, other_caption, atol=1e-3)
+
+
+def test_causal_attention_by_blocks_equals_the_masked_softmax_by_hand():
+    """Causal self-attention scores its queries by blocks of CAUSAL_BLOCK against the keys up to
+    each block's end; over several blocks and a ragged last one it must equal the whole masked
+    softmax written out in float64, and its gradient the masked path's."""
+    length, heads, head_dim = 2 * layers.CAUSAL_BLOCK + 21, 3, 8
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, length, 24)), jnp.float32)
+    attention = layers.Attention(heads, head_dim, positions="none")
+    variables = nn.meta.unbox(attention.init(jax.random.PRNGKey(0), x, causal=True))
+    p = {name: np.asarray(value, np.float64) for name, value in variables["params"].items()}
+    xs = np.asarray(x, np.float64)
+    q, k, v = (np.einsum("ble,ehd->bhld", xs, p[name]) for name in ("query", "key", "value"))
+    logits = np.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(head_dim)
+    logits = np.where(np.tril(np.ones((length, length), bool)), logits, -np.inf)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    expected = np.einsum("bhqk,bhkd,hde->bqe", weights, v, p["out"])
+    np.testing.assert_allclose(attention.apply(variables, x, causal=True), expected,
+                               rtol=1e-4, atol=1e-5)
+
+    mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    by_blocks, masked = (jax.grad(lambda x, **kw: (attention.apply(variables, x, **kw) ** 2).sum())(
+        x, **kw) for kw in ({"causal": True}, {"mask": mask}))
+    np.testing.assert_allclose(by_blocks, masked, rtol=1e-4, atol=1e-5)
 
 
 def test_empty_caption_gives_finite_logits(tiny_config, tiny_params):

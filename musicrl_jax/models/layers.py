@@ -12,6 +12,9 @@ import numpy as np
 
 Dtype = Any
 _MASKED = -1e9  # finite so a fully masked row (empty caption) gives uniform weights, not NaN
+# Queries per block of causal attention (`Attention._causal_attend`); chosen with
+# benchmarks/attention.py on the CPU.
+CAUSAL_BLOCK = 64
 
 
 def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype=jnp.float32):
@@ -173,9 +176,10 @@ class Attention(nn.Module):
             (self.num_heads, self.head_dim, features), ("heads", "kv", "embed")).astype(self.dtype)
 
     @nn.compact
-    def __call__(self, x, kv_input=None, mask=None, *, decode: bool = False,
+    def __call__(self, x, kv_input=None, mask=None, *, causal: bool = False, decode: bool = False,
                  decode_length: int | None = None, beat_radians=None, bias=None):
         """x: [batch, q_len, embed]. mask: [batch, 1|heads, q_len, kv_len] booleans (True = attend).
+        causal: self-attention where each position sees itself and earlier ones (instead of a mask).
         beat_radians [batch]: the beat frequency `beat_rope` needs when `beat_multiples` is set.
         bias: [1|batch, heads, q_len, kv_len] added to the logits (T5's relative positions;
         full-sequence path only).
@@ -200,10 +204,10 @@ class Attention(nn.Module):
         # length-major layout XLA:CPU fuses the softmax into a strided product, 2.5x slower.
         query, key, value = (constrain(jnp.swapaxes(t, 1, 2), ("batch", "heads", "length", "kv"))
                              for t in (query, key, value))
-        weights = self._weights(jnp.einsum("bhqd,bhkd->bhqk", query, key,
-                                           preferred_element_type=jnp.float32), mask, bias)
-        attended = jnp.einsum("bhqk,bhkd->bhqd", weights, value,
-                              preferred_element_type=jnp.float32).astype(self.dtype)
+        if causal:
+            attended = self._causal_attend(query, key, value, bias)
+        else:
+            attended = self._attend(query, key, value, mask, bias)
         attended = constrain(attended, ("batch", "heads", "length", "kv"))
         out = jnp.einsum("bhqd,hde->bqe", attended, self._out_kernel(x.shape[-1]),
                          preferred_element_type=jnp.float32)
@@ -214,16 +218,36 @@ class Attention(nn.Module):
             return x
         return beat_rope(x, positions, beat_radians, self.beat_multiples)
 
-    def _weights(self, logits, mask, bias=None):
-        """Scaled, masked softmax over keys, computed in float32."""
-        logits = logits.astype(jnp.float32)
+    def _attend(self, query, key, value, mask=None, bias=None):
+        """Scaled, masked softmax attention over [batch, heads, length, head_dim] operands, the
+        softmax in float32. It divides by the softmax's sum after the product with the values
+        ([.., q, head_dim]) instead of normalising the [.., q, k] weights: a pass fewer over
+        the largest tensor."""
+        logits = jnp.einsum("bhqd,bhkd->bhqk", query, key, preferred_element_type=jnp.float32)
         if self.scaled:
             logits = logits * self.head_dim ** -0.5
         if bias is not None:
             logits = logits + bias.astype(jnp.float32)
         if mask is not None:
             logits = jnp.where(mask, logits, _MASKED)
-        return jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        unnormalised = jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+        attended = jnp.einsum("bhqk,bhkd->bhqd", unnormalised.astype(self.dtype), value,
+                              preferred_element_type=jnp.float32)
+        return (attended / unnormalised.sum(-1, keepdims=True)).astype(self.dtype)
+
+    def _causal_attend(self, query, key, value, bias=None):
+        """Causal `_attend` by blocks of `CAUSAL_BLOCK` queries, each against the keys up to its
+        last position: the keys after a block are never scored (about half the work at long
+        lengths), and a block's scores stay small enough to remain in the CPU's cache."""
+        length = query.shape[2]
+        pieces = []
+        for start in range(0, length, CAUSAL_BLOCK):
+            stop = min(start + CAUSAL_BLOCK, length)
+            mask = (np.arange(stop)[None, :] <= np.arange(start, stop)[:, None])[None, None]
+            pieces.append(self._attend(
+                query[:, :, start:stop], key[:, :, :stop], value[:, :, :stop], mask,
+                None if bias is None else bias[:, :, start:stop, :stop]))
+        return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=2)
 
     def _decode(self, x, kv_input, mask, decode_length, beat_radians):
         """One decode step (or the cache-creating first step); x: [batch, 1, embed]."""
@@ -241,11 +265,8 @@ class Attention(nn.Module):
         # q_len == 1, so [b, 1, h, d] -> [b, h, 1, d] only moves a unit axis (a bitcast).
         query = constrain(jnp.swapaxes(query, 1, 2), ("batch", "heads", "length", "kv"))
 
-        weights = self._weights(jnp.einsum("bhqd,bhkd->bhqk", query, key,
-                                           preferred_element_type=jnp.float32), mask)
-        attended = jnp.einsum("bhqk,bhkd->bhqd", weights, value,
-                              preferred_element_type=jnp.float32).astype(self.dtype)
-        attended = constrain(attended, ("batch", "heads", "length", "kv"))
+        attended = constrain(self._attend(query, key, value, mask),
+                             ("batch", "heads", "length", "kv"))
         # [b, h, 1, d] -> [b, 1, h*d] and [h, d, e] -> [h*d, e] are row-major reshapes (bitcasts):
         # one plain matmul, no transpose of the activations or copy of the kernel.
         attended = jnp.swapaxes(attended, 1, 2).reshape(batch, q_len, -1)

@@ -283,14 +283,10 @@ class DecoderLayer(nn.Module):
         def norm(name):
             return make_norm(cfg.norm, cfg.norm_epsilon, dtype, name)
 
-        self_mask = None
-        if not decode:
-            length = x.shape[1]
-            self_mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
         positions = "rope" if cfg.positions == "rope" else "none"
         x = x + Attention(cfg.num_heads, cfg.head_dim, dtype, positions=positions,
                           beat_multiples=tuple(cfg.beat_rope_multiples), name="self_attention")(
-            norm("pre_self_attention_norm")(x), mask=self_mask,
+            norm("pre_self_attention_norm")(x), causal=not decode,
             decode=decode, decode_length=cfg.decode_length, beat_radians=beat)
         x = x + Attention(cfg.num_heads, cfg.head_dim, dtype, cross=True, name="cross_attention")(
             norm("pre_cross_attention_norm")(x), encoded, mask=cross_mask, decode=decode)
