@@ -2,10 +2,11 @@
 `scaled_dot_product_attention`, at the shapes of the RL step's teacher-forced passes.
 
 Times, for one layer, the attention core only (the projections are plain matmuls both
-libraries run at similar rates): ours = the `Attention` module's scores, masked softmax and
-weighted values on given projected queries/keys/values (RoPE off; its output projection is
-an identity, batch x length x (heads x head_dim)^2 x 2 FLOPs that torch does not pay), jitted,
-forward and forward + backward; torch = SDPA (is_causal), forward and forward + backward.
+libraries run at similar rates): ours = the `Attention` module's causal path (scores, softmax
+and weighted values by blocks of queries) on given projected queries/keys/values (RoPE off;
+its output projection is an identity, batch x length x (heads x head_dim)^2 x 2 FLOPs that
+torch does not pay), jitted, forward and forward + backward; torch = SDPA (is_causal), forward
+and forward + backward.
 Median of --runs after one untimed call each (`rl_step.timed`).
 
 Needs torch (`pip install -r requirements-bench.lock`).
