@@ -49,7 +49,6 @@ def parse_args(argv=None):
 def attention_core(query, key, value):
     """`Attention.__call__`'s core on projected [batch, length, heads, head_dim] inputs, through
     the module's own code path (its projections replaced by the identity)."""
-
     class Core(Attention):
         def _project(self, name, x):
             return {"query": query, "key": key, "value": value}[name]

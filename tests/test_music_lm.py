@@ -77,6 +77,8 @@ def test_causal_attention_by_blocks_equals_the_masked_softmax_by_hand():
     by_blocks, masked = (jax.grad(lambda x, **kw: (attention.apply(variables, x, **kw) ** 2).sum())(
         x, **kw) for kw in ({"causal": True}, {"mask": mask}))
     np.testing.assert_allclose(by_blocks, masked, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="takes no mask or bias"):
+        attention.apply(variables, x, mask=mask, causal=True)
 
 
 def test_empty_caption_gives_finite_logits(tiny_config, tiny_params):

@@ -205,7 +205,10 @@ class Attention(nn.Module):
         query, key, value = (constrain(jnp.swapaxes(t, 1, 2), ("batch", "heads", "length", "kv"))
                              for t in (query, key, value))
         if causal:
-            attended = self._causal_attend(query, key, value, bias)
+            if mask is not None or bias is not None:
+                raise ValueError("Attention(causal=True) takes no mask or bias: causal masking "
+                                 "is built in. Fix: pass one of causal=True or mask=/bias=.")
+            attended = self._causal_attend(query, key, value)
         else:
             attended = self._attend(query, key, value, mask, bias)
         attended = constrain(attended, ("batch", "heads", "length", "kv"))
@@ -235,7 +238,7 @@ class Attention(nn.Module):
                               preferred_element_type=jnp.float32)
         return (attended / unnormalised.sum(-1, keepdims=True)).astype(self.dtype)
 
-    def _causal_attend(self, query, key, value, bias=None):
+    def _causal_attend(self, query, key, value):
         """Causal `_attend` by blocks of `CAUSAL_BLOCK` queries, each against the keys up to its
         last position: the keys after a block are never scored (about half the work at long
         lengths), and a block's scores stay small enough to remain in the CPU's cache."""
@@ -244,9 +247,8 @@ class Attention(nn.Module):
         for start in range(0, length, CAUSAL_BLOCK):
             stop = min(start + CAUSAL_BLOCK, length)
             mask = (np.arange(stop)[None, :] <= np.arange(start, stop)[:, None])[None, None]
-            pieces.append(self._attend(
-                query[:, :, start:stop], key[:, :, :stop], value[:, :, :stop], mask,
-                None if bias is None else bias[:, :, start:stop, :stop]))
+            pieces.append(self._attend(query[:, :, start:stop], key[:, :, :stop],
+                                       value[:, :, :stop], mask))
         return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=2)
 
     def _decode(self, x, kv_input, mask, decode_length, beat_radians):
