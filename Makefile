@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
+# Compiled XLA programs persist here: the demo's later stages and runs, `make evidence` and
+# `make rounds` load what an earlier one compiled instead of compiling it again.
+XLA_CACHE ?= data_cache/xla_compilation_cache
+RUN := JAX_COMPILATION_CACHE_DIR=$(XLA_CACHE) $(PY)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 # Tests shard over 8 virtual CPU devices so every sharding path runs.
 TEST_XLA_FLAGS ?= --xla_force_host_platform_device_count=8
@@ -35,21 +39,21 @@ $(VENV)/.installed: setup.py requirements.lock
 	touch $@
 
 demo: install
-	$(PY) -m musicrl_jax.main --gin_file=local/demo.gin --gin_bindings="RUN_DIR='$(RUN_DIR)'"
+	$(RUN) -m musicrl_jax.main --gin_file=local/demo.gin --gin_bindings="RUN_DIR='$(RUN_DIR)'"
 
 # The studies of docs/RESULTS.md on the demo's LM (run `make demo` first); resumable.
 evidence: install
-	$(PY) -m musicrl_jax.main --gin_file=evidence/reward_scaling.gin \
+	$(RUN) -m musicrl_jax.main --gin_file=evidence/reward_scaling.gin \
 	  --gin_bindings="reward_scaling.lm_dir='$(RUN_DIR)/pretrain'"
-	$(PY) -m musicrl_jax.main --gin_file=evidence/overoptimisation.gin \
+	$(RUN) -m musicrl_jax.main --gin_file=evidence/overoptimisation.gin \
 	  --gin_bindings="overoptimisation.lm_dir='$(RUN_DIR)/pretrain'"
-	$(PY) -m musicrl_jax.main --gin_file=evidence/headline.gin \
+	$(RUN) -m musicrl_jax.main --gin_file=evidence/headline.gin \
 	  --gin_bindings="headline.lm_dir='$(RUN_DIR)/pretrain'"
 
 # Three feedback rounds on the demo's LM (run `make demo` first): the rater panel votes over the
 # listening page, rewards retrain, RL, redeploy; report and win-rate plot in RUN_DIR/rounds.
 rounds: install
-	$(PY) -m musicrl_jax.rounds run --gin_file=local/rounds.gin \
+	$(RUN) -m musicrl_jax.rounds run --gin_file=local/rounds.gin \
 	  --gin_bindings="feedback_rounds.pretrained_lm='$(RUN_DIR)/pretrain'" \
 	  --rounds_dir $(RUN_DIR)/rounds
 
