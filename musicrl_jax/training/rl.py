@@ -412,10 +412,9 @@ def rl_loss(cfg: RLConfig, token_lp, old_token_lp, ref_token_lp, entropy, mask, 
         if cfg.kl_mode == "reward":
             kl_loss = kl_loss * scale
     num_valid = jnp.maximum(mask.sum(), 1)
-    mean_entropy = jnp.where(mask, entropy, 0.0).sum() / num_valid
     loss = pg + beta * kl_loss
     if cfg.entropy_bonus:  # else no entropy gradient: a pass fewer over the logits' size
-        loss = loss - cfg.entropy_bonus * mean_entropy
+        loss = loss - cfg.entropy_bonus * jnp.where(mask, entropy, 0.0).sum() / num_valid
     ratio = jnp.exp(jax.lax.stop_gradient(token_lp) - old_token_lp)
     outside = (jnp.abs(ratio - 1.0) > cfg.ratio_clip) if cfg.ratio_clip > 0 else ratio < 0
     if keep is None:
