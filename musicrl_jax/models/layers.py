@@ -25,6 +25,17 @@ def constrain(x, axes):
     return nn.with_logical_constraint(x, axes)
 
 
+def dense(x, kernel):
+    """x [..., in] times kernel [in, *out] -> [..., *out] in float32, as one 2-D matmul over
+    the flattened leading axes. XLA:CPU computes the kernel's gradient of a [batch, length, in]
+    matmul in a strided loop that transposes (and recomputes) the whole activation; flattened,
+    that gradient is a plain dot (the demo LM's MLP forward + backward 2.2x faster, same values).
+    """
+    out = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[0], -1),
+                     preferred_element_type=jnp.float32)
+    return out.reshape(*x.shape[:-1], *kernel.shape[1:])
+
+
 class RMSNorm(nn.Module):
     epsilon: float = 1e-6
     dtype: Dtype = jnp.float32
@@ -160,20 +171,26 @@ class Attention(nn.Module):
 
     def _project(self, name, x):
         """[batch, length, heads, head_dim] (full-sequence path)."""
-        out = jnp.einsum("ble,ehd->blhd", x, self._kernel(name, x.shape[-1]),
-                         preferred_element_type=jnp.float32).astype(self.dtype)
+        out = dense(x, self._kernel(name, x.shape[-1])).astype(self.dtype)
         return constrain(out, ("batch", "length", "heads", "kv"))
 
     def _project_heads_major(self, name, x):
         """[batch, heads, length, head_dim] (decode caches)."""
-        out = jnp.einsum("ble,ehd->bhld", x, self._kernel(name, x.shape[-1]),
-                         preferred_element_type=jnp.float32).astype(self.dtype)
+        out = jnp.swapaxes(dense(x, self._kernel(name, x.shape[-1])), 1, 2).astype(self.dtype)
         return constrain(out, ("batch", "heads", "length", "kv"))
 
-    def _out_kernel(self, features):
-        return param_with_axes(
+    def _output(self, attended, features):
+        """[batch, heads, length, head_dim] -> [batch, length, embed]: heads concatenated, then
+        one matmul with the [heads * head_dim, embed] view of the kernel. In a decode step
+        (length 1) the swap only moves a unit axis (a bitcast)."""
+        attended = constrain(attended, ("batch", "heads", "length", "kv"))
+        batch, _, length, _ = attended.shape
+        kernel = param_with_axes(
             self, "out", nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2),
             (self.num_heads, self.head_dim, features), ("heads", "kv", "embed")).astype(self.dtype)
+        out = dense(jnp.swapaxes(attended, 1, 2).reshape(batch, length, -1),
+                    kernel.reshape(-1, features))
+        return constrain(out, ("batch", "length", "embed"))
 
     @nn.compact
     def __call__(self, x, kv_input=None, mask=None, *, causal: bool = False, decode: bool = False,
@@ -211,10 +228,7 @@ class Attention(nn.Module):
             attended = self._causal_attend(query, key, value)
         else:
             attended = self._attend(query, key, value, mask, bias)
-        attended = constrain(attended, ("batch", "heads", "length", "kv"))
-        out = jnp.einsum("bhqd,hde->bqe", attended, self._out_kernel(x.shape[-1]),
-                         preferred_element_type=jnp.float32)
-        return constrain(out, ("batch", "length", "embed"))
+        return self._output(attended, x.shape[-1])
 
     def _position(self, x, positions, beat_radians):
         if self.positions == "none":
@@ -253,7 +267,7 @@ class Attention(nn.Module):
 
     def _decode(self, x, kv_input, mask, decode_length, beat_radians):
         """One decode step (or the cache-creating first step); x: [batch, 1, embed]."""
-        batch, q_len, features = x.shape
+        features = x.shape[-1]
         query = self._project("query", x)  # [batch, 1, heads, head_dim]
         if self.cross:
             key = self.variable("cache", "cross_key", self._project_heads_major, "key",
@@ -267,14 +281,7 @@ class Attention(nn.Module):
         # q_len == 1, so [b, 1, h, d] -> [b, h, 1, d] only moves a unit axis (a bitcast).
         query = constrain(jnp.swapaxes(query, 1, 2), ("batch", "heads", "length", "kv"))
 
-        attended = constrain(self._attend(query, key, value, mask),
-                             ("batch", "heads", "length", "kv"))
-        # [b, h, 1, d] -> [b, 1, h*d] and [h, d, e] -> [h*d, e] are row-major reshapes (bitcasts):
-        # one plain matmul, no transpose of the activations or copy of the kernel.
-        attended = jnp.swapaxes(attended, 1, 2).reshape(batch, q_len, -1)
-        out = jnp.matmul(attended, self._out_kernel(features).reshape(-1, features),
-                         preferred_element_type=jnp.float32)
-        return constrain(out, ("batch", "length", "embed"))
+        return self._output(self._attend(query, key, value, mask), features)
 
     def _update_cache(self, query, key, value, decode_length, beat_radians):
         """query/key/value: [batch, 1, heads, head_dim] for the current position. Returns the
@@ -312,12 +319,10 @@ class MLP(nn.Module):
         gate = param_with_axes(self, "wi_gate", init, (embed, self.mlp_dim), ("embed", "mlp"))
         up = param_with_axes(self, "wi_up", init, (embed, self.mlp_dim), ("embed", "mlp"))
         down = param_with_axes(self, "wo", init, (self.mlp_dim, embed), ("mlp", "embed"))
-        x, f32 = x.astype(self.dtype), jnp.float32
-        gated = nn.gelu(jnp.matmul(x, gate.astype(self.dtype), preferred_element_type=f32))
-        hidden = gated * jnp.matmul(x, up.astype(self.dtype), preferred_element_type=f32)
+        x = x.astype(self.dtype)
+        hidden = nn.gelu(dense(x, gate.astype(self.dtype))) * dense(x, up.astype(self.dtype))
         hidden = constrain(hidden.astype(self.dtype), ("batch", "length", "mlp"))
-        out = jnp.matmul(hidden, down.astype(self.dtype), preferred_element_type=f32)
-        return constrain(out, ("batch", "length", "embed"))
+        return constrain(dense(hidden, down.astype(self.dtype)), ("batch", "length", "embed"))
 
 
 _ACTIVATIONS = {
@@ -338,9 +343,6 @@ class DenseMLP(nn.Module):
         init = nn.initializers.lecun_normal()
         wi = param_with_axes(self, "wi", init, (embed, self.mlp_dim), ("embed", "mlp"))
         wo = param_with_axes(self, "wo", init, (self.mlp_dim, embed), ("mlp", "embed"))
-        x, f32 = x.astype(self.dtype), jnp.float32
-        hidden = _ACTIVATIONS[self.activation](
-            jnp.matmul(x, wi.astype(self.dtype), preferred_element_type=f32))
+        hidden = _ACTIVATIONS[self.activation](dense(x.astype(self.dtype), wi.astype(self.dtype)))
         hidden = constrain(hidden.astype(self.dtype), ("batch", "length", "mlp"))
-        out = jnp.matmul(hidden, wo.astype(self.dtype), preferred_element_type=f32)
-        return constrain(out, ("batch", "length", "embed"))
+        return constrain(dense(hidden, wo.astype(self.dtype)), ("batch", "length", "embed"))

@@ -17,7 +17,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from musicrl_jax.models.layers import (MLP, Attention, DenseMLP, Embed, RMSNorm, constrain,
+from musicrl_jax.models.layers import (MLP, Attention, DenseMLP, Embed, RMSNorm, constrain, dense,
                                        make_norm, param_with_axes, relative_position_buckets,
                                        sinusoidal_positions)
 
@@ -364,8 +364,7 @@ class MusicLM(nn.Module):
         if cfg.freeze_text_encoder:
             x = jax.lax.stop_gradient(x)
         if cfg.encoder_projection:
-            x = jnp.einsum("blt,te->ble", x, self.encoder_projection.astype(cfg.compute_dtype),
-                           preferred_element_type=jnp.float32)
+            x = dense(x, self.encoder_projection.astype(cfg.compute_dtype))
             x = (x + self.encoder_projection_bias).astype(cfg.compute_dtype)
             x = constrain(x, ("batch", "length", "embed"))
         if cfg.null_caption == "mask":
@@ -391,8 +390,7 @@ class MusicLM(nn.Module):
         x = self.decoder_norm(x)
         # f32 accumulation and output: bf16-rounded logits would make the sampler's and the
         # teacher-forced log-probs disagree by tenths of a nat per sequence (RL's ratios).
-        logits = jnp.einsum("ble,ekc->blkc", x, self.heads.astype(cfg.compute_dtype),
-                            preferred_element_type=jnp.float32)
+        logits = dense(x, self.heads.astype(cfg.compute_dtype))
         return constrain(logits, ("batch", "length", "codebooks", "vocab"))
 
     def __call__(self, caption_tokens, decoder_input_tokens):
