@@ -53,10 +53,10 @@ def attention_core(query, key, value):
         def _project(self, name, x):
             return {"query": query, "key": key, "value": value}[name]
 
-        def _out_kernel(self, features):
-            # [h, d, h*d] identity: the output is the attended values, heads concatenated.
-            eye = jnp.eye(self.num_heads * self.head_dim, dtype=self.dtype)
-            return eye.reshape(self.num_heads, self.head_dim, -1)
+        def _output(self, attended, features):
+            # No output projection: the attended values, heads concatenated.
+            batch, _, length, _ = attended.shape
+            return jnp.swapaxes(attended, 1, 2).reshape(batch, length, -1)
 
     core = Core(query.shape[2], query.shape[3], positions="none")
     x = jnp.zeros(query.shape[:2] + (1,), jnp.float32)
