@@ -1,3 +1,5 @@
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -80,3 +82,27 @@ def test_activations_stay_sharded_over_fsdp(tiny_config):
     mlp_hidden = f"[{{}},{length},{tiny_config.mlp_dim}]"
     assert mlp_hidden.format(batch // 8) in hlo
     assert mlp_hidden.format(batch) not in hlo
+
+
+def test_tensor_parallel_keeps_the_heads_vocab_split(tiny_config):
+    """The LM heads' kernel [embed, codebooks, vocab] is split over `tensor` on vocab, and the
+    training gradient keeps it so: a reshape of the kernel to [embed, codebooks * vocab] once
+    made every device gather the whole vocabulary, every step."""
+    mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+    params, shardings = partitioning.sharded_init(
+        lambda rng: music_lm.init_params(tiny_config, rng), mesh, jax.random.PRNGKey(0))
+    captions = jax.ShapeDtypeStruct((8, tiny_config.max_caption_length), np.int32)
+    codes = jax.ShapeDtypeStruct((8, tiny_config.max_frames, tiny_config.num_codebooks),
+                                 np.int32)
+    with partitioning.mesh_context(mesh):
+        hlo = jax.jit(jax.grad(lambda p, c, a: music_lm.lm_loss(tiny_config, p, c, a)[0]),
+                      in_shardings=(shardings, partitioning.batch_sharding(mesh, 2),
+                                    partitioning.batch_sharding(mesh, 3)),
+                      out_shardings=shardings).lower(params, captions, codes).compile().as_text()
+    gathered = [tuple(int(d) for d in dims.split(","))
+                for dims in re.findall(r"= f32\[([\d,]+)\]\S* all-gather\(", hlo)]
+    codebooks, vocab = tiny_config.num_codebooks, tiny_config.codebook_size
+    kernels = [s for s in gathered if s[0] in (tiny_config.embed_dim, tiny_config.embed_dim // 2)
+               and len(s) <= 3]  # not the [batch, length, codebooks, vocab] logits
+    assert (tiny_config.embed_dim, codebooks, vocab // 2) in kernels  # fsdp's gather, split kept
+    assert not [s for s in kernels if s[1:] == (codebooks, vocab) or s[1:] == (codebooks * vocab,)]

@@ -26,13 +26,13 @@ def constrain(x, axes):
 
 
 def dense(x, kernel):
-    """x [..., in] times kernel [in, *out] -> [..., *out] in float32, as one 2-D matmul over
-    the flattened leading axes. XLA:CPU computes the kernel's gradient of a [batch, length, in]
-    matmul in a strided loop that transposes (and recomputes) the whole activation; flattened,
-    that gradient is a plain dot (the demo LM's MLP forward + backward 2.2x faster, same values).
-    """
-    out = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[0], -1),
-                     preferred_element_type=jnp.float32)
+    """x [..., in] times kernel [in, *out] -> [..., *out] in float32, x's leading axes flattened
+    into one. XLA:CPU computes the kernel's gradient of a [batch, length, in] matmul in a
+    strided loop that transposes (and recomputes) the whole activation; with one leading axis
+    that gradient is a plain dot (the demo LM's MLP forward + backward 2.2x faster, same
+    values). The kernel keeps its axes, so its sharding (e.g. the heads' vocab) carries over."""
+    out = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), kernel, (((1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32)
     return out.reshape(*x.shape[:-1], *kernel.shape[1:])
 
 
