@@ -49,6 +49,26 @@ def clips():
     return train, held_out
 
 
+
+def test_log_mel_is_librosas_melspectrogram(clips):
+    """log_mel reuses one filterbank across calls; it must stay librosa's mel power, for a clip
+    and for a batch of clips."""
+    import librosa
+
+    tok = MelRVQTokenizer(num_codebooks=1, codebook_size=8, fmin=30.0, fmax=7000.0)
+    clip = clips[0][0][:SR * 3 + 123]
+    batch = np.stack([c[:SR * 2] for c in clips[0][:3]])
+    for audio in (clip, clip, batch):
+        frames = tok.num_frames(audio.shape[-1])
+        padded = np.pad(audio, [(0, 0)] * (audio.ndim - 1)
+                        + [(0, frames * tok.hop_length - audio.shape[-1])])
+        mel = librosa.feature.melspectrogram(
+            y=padded, sr=SR, n_fft=tok.n_fft, hop_length=tok.hop_length, n_mels=tok.n_mels,
+            fmin=30.0, fmax=7000.0, window="hann", center=True, pad_mode="constant",
+            power=2.0)[..., :frames]
+        expected = np.log(mel + tok.log_floor).swapaxes(-1, -2)
+        np.testing.assert_allclose(tok.log_mel(audio), expected, rtol=1e-6, atol=1e-6)
+
 @pytest.fixture(scope="module")
 def tokenizer(clips):
     train, _ = clips

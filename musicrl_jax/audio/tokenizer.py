@@ -723,9 +723,11 @@ class MelRVQTokenizer(AudioTokenizer):
         frames = self.num_frames(wav.shape[-1])
         pad = frames * self.hop_length - wav.shape[-1]
         wav = np.pad(wav, [(0, 0)] * (wav.ndim - 1) + [(0, pad)])
-        mel = librosa.feature.melspectrogram(
-            y=wav, hop_length=self.hop_length, window="hann", center=True,
-            pad_mode="constant", power=2.0, **self._mel_kwargs())
+        power = np.abs(librosa.stft(wav, n_fft=self.n_fft, hop_length=self.hop_length,
+                                    window="hann", center=True, pad_mode="constant")) ** 2
+        # librosa.feature.melspectrogram's own product, with the filterbank built once per
+        # tokenizer instead of on every call (~1.6 ms a clip).
+        mel = np.einsum("...ft,mf->...mt", power, self._mel_basis(), optimize=True)
         # center=True adds a frame centred on the padded end; drop it so the
         # count is exactly ceil(samples / hop).
         mel = mel[..., :frames]
