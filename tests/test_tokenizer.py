@@ -3,6 +3,7 @@
 import json
 
 import gin
+import librosa
 import numpy as np
 import pytest
 
@@ -49,12 +50,9 @@ def clips():
     return train, held_out
 
 
-
 def test_log_mel_is_librosas_melspectrogram(clips):
     """log_mel reuses one filterbank across calls; it must stay librosa's mel power, for a clip
     and for a batch of clips."""
-    import librosa
-
     tok = MelRVQTokenizer(num_codebooks=1, codebook_size=8, fmin=30.0, fmax=7000.0)
     clip = clips[0][0][:SR * 3 + 123]
     batch = np.stack([c[:SR * 2] for c in clips[0][:3]])
@@ -68,6 +66,7 @@ def test_log_mel_is_librosas_melspectrogram(clips):
             power=2.0)[..., :frames]
         expected = np.log(mel + tok.log_floor).swapaxes(-1, -2)
         np.testing.assert_allclose(tok.log_mel(audio), expected, rtol=1e-6, atol=1e-6)
+
 
 @pytest.fixture(scope="module")
 def tokenizer(clips):
