@@ -98,6 +98,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]} (use --gin_bindings).")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep Orbax/CLU chatter out of the progress bar
+    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) == 1:
+        from musicrl_jax.partitioning import use_cpu_cores
+        use_cpu_cores()
     maybe_initialize_distributed()
     from musicrl_jax.audio.synthesis import SynthesisUnavailableError
     from musicrl_jax.errors import Preempted, report_user_errors

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from typing import Any, Sequence
 
@@ -42,6 +43,22 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 @gin.configurable
 def logical_axis_rules(rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
     return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+
+
+def use_cpu_cores(max_devices: int = 8) -> int | None:
+    """Splits the host CPU into one XLA device per core (a power of two, at most `max_devices`)
+    so that the mesh's data axis spreads each step over the cores: XLA:CPU runs most of one
+    device's small ops on a single thread (2 cores: the RL step 1.2-1.45x, pretraining ~1.1x
+    faster). A count the user set (XLA_FLAGS' xla_force_host_platform_device_count or
+    JAX_NUM_CPU_DEVICES) is kept. Call before anything touches a device; returns the count set,
+    or None where it left the setting alone. Accelerators are unaffected."""
+    if ("xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+            or "JAX_NUM_CPU_DEVICES" in os.environ or jax.config.jax_num_cpu_devices != -1):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    count = 1 << (max(min(cores or 1, max_devices), 1).bit_length() - 1)
+    jax.config.update("jax_num_cpu_devices", count)
+    return count
 
 
 @gin.configurable
