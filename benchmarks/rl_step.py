@@ -49,9 +49,6 @@ from musicrl_jax.training import rl  # noqa: E402
 from musicrl_jax.training.reward_tasks import QualityRewardTask, TextRewardTask  # noqa: E402
 from musicrl_jax.training.tasks import MusicLMTask  # noqa: E402
 
-# The CPU devices the CLI (musicrl_jax.main) uses: one per core, so the data axis spans them.
-partitioning.use_cpu_cores()
-
 # Per size: frames per clip and captions per step that fit a 2-core CPU run in ~a minute.
 CPU_DEFAULTS = {"tiny": (250, 8), "small": (100, 2), "base": (100, 2), "large": (50, 2)}
 
@@ -227,6 +224,7 @@ def bench_size(size: str, args) -> dict:
 @report_user_errors("python benchmarks/rl_step.py")
 def main(argv=None):
     args = parse_args(argv)
+    partitioning.use_cpu_cores()  # the CPU devices the CLI (musicrl_jax.main) runs on
     rows = []
     for size in [s.strip() for s in args.models.split(",") if s.strip()]:
         row = bench_size(size, args)

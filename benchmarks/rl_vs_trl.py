@@ -43,6 +43,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from rl_step import OurStep, load_config, rl_step_flops  # noqa: E402  (the sibling benchmark)
+from musicrl_jax import partitioning  # noqa: E402
 from musicrl_jax.training import rl  # noqa: E402
 
 # name: (our MusicLMConfig widths, positions per sample)
@@ -227,6 +228,7 @@ def bench_size(name: str, args) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    partitioning.use_cpu_cores()  # the CPU devices the CLI (musicrl_jax.main) runs on
     rows = []
     for name in args.sizes.split(","):
         row = bench_size(name, args)

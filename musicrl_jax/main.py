@@ -27,7 +27,8 @@ DEFAULT_SEARCH_PATHS = (os.path.join(PACKAGE_ROOT, "gin_configs"), ".", PACKAGE_
 
 def maybe_initialize_distributed():
     """Multi-host: JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID, or a TPU pod's
-    auto-detected cluster, start jax.distributed before anything touches the devices.
+    auto-detected cluster, start jax.distributed before anything touches the devices; one
+    process splits a CPU-only host into a device per core (`partitioning.use_cpu_cores`).
 
     A GKE TPU slice announces itself with TPU_WORKER_HOSTNAMES; a Cloud TPU VM slice only through
     its metadata server, so launch/tpu_run.sh sets MUSICRL_DISTRIBUTED=auto to ask for
@@ -42,6 +43,9 @@ def maybe_initialize_distributed():
     elif (os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1
           or os.environ.get("MUSICRL_DISTRIBUTED") == "auto"):
         jax.distributed.initialize()
+    else:  # one process: on a CPU-only host, one device per core
+        from musicrl_jax.partitioning import use_cpu_cores
+        use_cpu_cores()
 
 
 class _GinSearchNoise(std_logging.Filter):
@@ -98,9 +102,6 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]} (use --gin_bindings).")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep Orbax/CLU chatter out of the progress bar
-    if int(os.environ.get("JAX_NUM_PROCESSES", "1")) == 1:
-        from musicrl_jax.partitioning import use_cpu_cores
-        use_cpu_cores()
     maybe_initialize_distributed()
     from musicrl_jax.audio.synthesis import SynthesisUnavailableError
     from musicrl_jax.errors import Preempted, report_user_errors

@@ -56,7 +56,7 @@ def use_cpu_cores(max_devices: int = 8) -> int | None:
             or "JAX_NUM_CPU_DEVICES" in os.environ or jax.config.jax_num_cpu_devices != -1):
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    count = 1 << (max(min(cores or 1, max_devices), 1).bit_length() - 1)
+    count = 1 << (min(cores or 1, max_devices).bit_length() - 1)
     jax.config.update("jax_num_cpu_devices", count)
     return count
 

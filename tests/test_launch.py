@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from musicrl_jax import main
+from musicrl_jax import main, partitioning
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "launch", "tpu_run.sh")
@@ -109,5 +109,8 @@ def test_entry_point_starts_auto_detected_distributed_runtime(monkeypatch, env, 
         monkeypatch.setenv(name, value)
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *args: calls.append(args))
+    splits = []  # one process (only): the CPU split into a device per core
+    monkeypatch.setattr(partitioning, "use_cpu_cores", lambda: splits.append(True))
     main.maybe_initialize_distributed()
     assert calls == expected_calls
+    assert splits == ([] if expected_calls else [True])
